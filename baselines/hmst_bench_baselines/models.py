@@ -1,0 +1,98 @@
+"""The dense baselines as hmst-bench models: a thin wrapper around a transformers causal LM.
+
+The wrapper adds nothing to the network; it only speaks the hmst-bench contract (loss on
+pre-shifted labels, exact token log-probs, generation through the shared `decode_loop` with
+transformers' KV cache) and writes a `save_pretrained` copy to `RUN/hf/` so that
+`AutoModelForCausalLM.from_pretrained(RUN/hf)` and lm-eval's `HFLM` load the very same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hmst_bench.modeling import SoftmaxLM
+from hmst_bench.util import atomic_dir
+
+
+class HFCausalLM(SoftmaxLM):
+    def __init__(self, hf_model, tokenizer, max_seq_len: int):
+        super().__init__()
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, use_cache=False).logits
+
+    def decode_step(self, new_tokens: torch.Tensor, state: Any):
+        """KV-cached step. Once the sequence outgrows the window the cache cannot be cropped
+        exactly (positions would shift), so every further step re-encodes the last
+        `max_seq_len` tokens: exact, O(window^2) per token, and only past the window."""
+        if state is None:
+            seq, past = new_tokens, None
+        else:
+            seq, past = torch.cat([state["seq"], new_tokens], dim=1), state["past"]
+        if past is not None and seq.shape[1] <= self.max_seq_len:
+            out = self.hf(input_ids=new_tokens, past_key_values=past, use_cache=True)
+        else:
+            out = self.hf(input_ids=seq[:, -self.max_seq_len :], use_cache=seq.shape[1] < self.max_seq_len)
+        logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return logprobs, {"seq": seq, "past": out.past_key_values if seq.shape[1] < self.max_seq_len else None}
+
+    def save_artifacts(self, run_dir: str | Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # keep the run's stderr to our own progress display
+        with atomic_dir(Path(run_dir) / "hf") as tmp:
+            self.hf.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+
+def _special_ids(tokenizer) -> dict:
+    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def build_llama(config, tokenizer) -> HFCausalLM:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        tie_word_embeddings=config.tie_embeddings,
+        initializer_range=config.init_std,
+        attn_implementation="sdpa",
+        **_special_ids(tokenizer),
+    )
+    return HFCausalLM(LlamaForCausalLM(hf_config), tokenizer, config.max_seq_len)
+
+
+def build_gpt2(config, tokenizer) -> HFCausalLM:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.max_seq_len,
+        n_embd=config.d_model,
+        n_layer=config.n_layers,
+        n_head=config.n_heads,
+        n_inner=config.d_ff,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        layer_norm_epsilon=config.layer_norm_eps,
+        initializer_range=config.init_std,
+        attn_implementation="sdpa",
+        **_special_ids(tokenizer),
+    )
+    return HFCausalLM(GPT2LMHeadModel(hf_config), tokenizer, config.max_seq_len)

@@ -1,0 +1,187 @@
+"""The architecture contract: what a plugin registers (`ArchSpec`) and what its model must offer.
+
+Every architecture, built-in or third-party, is described by one `ArchSpec`: a name, a one-line
+description, a config dataclass, named size presets and a `build(config, tokenizer)` function.
+The trainer and evaluator only ever talk to the model through the methods listed in
+`LanguageModel` below, so an architecture whose internals look nothing like a transformer
+(a Huffman-tree head, recurrent cycles, external FAISS memory) still plugs in unchanged.
+
+This module must stay light: it is imported when plugins register, which happens on every CLI
+start-up, so it imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+SIZE_NAMES = ("micro", "tiny", "small", "base")
+
+# Every config dataclass must carry these two fields: the trainer sets `vocab_size` from the
+# tokenizer and `max_seq_len` from `--seq-len`, always through `dataclasses.replace` so that
+# derived fields are recomputed and validation runs again.
+REQUIRED_CONFIG_FIELDS = ("vocab_size", "max_seq_len")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line naming the field and the fix."""
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What every model built by an `ArchSpec` offers (it is also a `torch.nn.Module`).
+
+    Conventions shared by all methods: `input_ids` is a LongTensor [B, T] of real tokens (no
+    padding inside a row); position t of `labels`/`targets` is the token that follows
+    `input_ids[:, t]`, i.e. they are already shifted, and -100 marks a position to ignore.
+
+    Optional methods the framework uses when present:
+    - `num_active_params() -> int`: parameters touched per token (MoE); default all parameters.
+    - `extra_flops(batch) -> float`: forward+backward FLOPs of ops FlopCounterMode cannot see
+      (e.g. a hand-written selective scan), added to every measurement.
+    - `save_artifacts(run_dir)` / `load_artifacts(run_dir)`: state that is not in the weights
+      (a FAISS store, a Huffman tree, a transformers `save_pretrained` copy).
+    """
+
+    max_seq_len: int
+
+    def loss(self, batch: Mapping[str, "torch.Tensor"]) -> tuple["torch.Tensor", dict]:
+        """Training objective for `{"input_ids", "labels"}`; aux losses reported apart in the dict."""
+
+    def token_logprobs(self, input_ids: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
+        """[B, T] exact log p(targets[:, t] | input_ids[:, :t+1])."""
+
+    def next_token_logprobs(self, input_ids: "torch.Tensor") -> "torch.Tensor":
+        """[B, V] log-distribution of the token after the last position (cropped to the window)."""
+
+    def generate(
+        self,
+        input_ids: "torch.Tensor",
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Optional[Iterable] = None,
+    ) -> list[list[int]]:
+        """New tokens per row; temperature <= 0 is greedy; generation stops after a stop sequence."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One registered architecture.
+
+    name          registry key used by `--arch` (lower-case, dashes)
+    description   one line shown by `hmst-bench list archs`
+    config_cls    a dataclass with `vocab_size` and `max_seq_len`; derived fields are declared
+                  `field(init=False)` and set in `__post_init__`, which also validates
+    sizes         {"micro"|"tiny"|"small"|"base": {field: value}} presets of init fields
+    build         build(config, tokenizer) -> model implementing `LanguageModel`
+    stage_runner  optional run(ctx) replacing the shared loop; it receives a
+                  `hmst_bench.train.TrainContext` giving the shared budget meter, optimiser,
+                  checkpointing, logging and data, and is responsible for calling them
+    stages        names of the stages the runner understands (e.g. ("1", "2")); `--stage` picks one
+    """
+
+    name: str
+    description: str
+    config_cls: type
+    sizes: Mapping[str, Mapping[str, Any]]
+    build: Callable[[Any, Any], Any]
+    stage_runner: Optional[Callable[[Any], None]] = None
+    stages: Sequence[str] = ()
+    distribution: str = field(default="", compare=False)  # filled in by the registry
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name != self.name.strip() or " " in self.name:
+            raise ValueError(f"architecture name {self.name!r} must be a non-empty word")
+        if not dataclasses.is_dataclass(self.config_cls):
+            raise TypeError(f"{self.name}: config_cls must be a dataclass")
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        missing = [f for f in REQUIRED_CONFIG_FIELDS if f not in names]
+        if missing:
+            raise TypeError(f"{self.name}: config_cls lacks required field(s) {', '.join(missing)}")
+        unknown = [s for s in self.sizes if s not in SIZE_NAMES]
+        if unknown:
+            raise ValueError(f"{self.name}: unknown size name(s) {unknown}; use {', '.join(SIZE_NAMES)}")
+        if not self.sizes:
+            raise ValueError(f"{self.name}: at least one size preset is required")
+
+    def make_config(self, size: str, overrides: Optional[Mapping[str, Any]] = None):
+        """Config for a named size with field overrides, validated (raises ConfigError)."""
+        if size not in self.sizes:
+            raise ConfigError(
+                f"architecture {self.name!r} has no size {size!r}; choose one of {', '.join(self.sizes)}"
+            )
+        values = dict(self.sizes[size])
+        values.update(overrides or {})
+        return config_from_dict(self.config_cls, values)
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def init_fields(config_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+
+
+def config_from_dict(config_cls: type, values: Mapping[str, Any]):
+    """Build a config from init fields only; derived (init=False) fields present in `values`
+    (as written to run.json) are ignored and recomputed, then checked against the recorded value."""
+    fields = init_fields(config_cls)
+    derived = {f.name for f in dataclasses.fields(config_cls) if not f.init}
+    unknown = [k for k in values if k not in fields and k not in derived]
+    if unknown:
+        raise ConfigError(
+            f"{config_cls.__name__} has no field {unknown[0]!r}; fields are {', '.join(sorted(fields))}"
+        )
+    try:
+        config = config_cls(**{k: v for k, v in values.items() if k in fields})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{config_cls.__name__}: {exc}") from None
+    for name in derived & set(values):
+        if getattr(config, name) != values[name]:
+            raise ConfigError(
+                f"{config_cls.__name__}.{name} is derived ({getattr(config, name)!r}) but was given as {values[name]!r}"
+            )
+    return config
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    """Every field, derived ones included, as JSON-ready values (what run.json records)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_hash(config) -> str:
+    """Stable 12-hex digest of the init fields: two runs with equal hashes built the same model."""
+    fields = init_fields(type(config))
+    payload = {name: getattr(config, name) for name in sorted(fields)}
+    text = json.dumps({"class": type(config).__name__, "fields": payload}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def parse_override(text: str, config_cls: type) -> tuple[str, Any]:
+    """Parse one `--set field=value` into a typed (field, value) pair using the field's default."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects FIELD=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    fields = init_fields(config_cls)
+    if key not in fields:
+        raise ConfigError(f"{config_cls.__name__} has no field {key!r}; fields are {', '.join(sorted(fields))}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string such as silu
+    default = fields[key].default
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{key} is a boolean: use {key}=true or {key}=false")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return key, value

@@ -1,0 +1,271 @@
+"""The `hmst-bench` command line. Commands are thin: they parse, call the library, and print.
+
+Human output (tables, progress) goes to stderr through rich; `--json` puts machine-readable
+output on stdout. User mistakes end in one line (click.ClickException), never a traceback.
+Nothing heavy is imported at start-up: `hmst-bench --help` loads plugins but not torch.
+Also runnable as `python -m hmst_bench.cli` (e.g. under `accelerate launch -m hmst_bench.cli`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from hmst_bench import __version__
+
+err = Console(stderr=True)
+
+
+def _registry():
+    from hmst_bench.plugins import PluginLoadError, get_registry
+
+    try:
+        return get_registry()
+    except PluginLoadError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _emit_json(obj) -> None:
+    from hmst_bench.util import dumps
+
+    click.echo(dumps(obj))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hmst-bench")
+@click.option("--strict", is_flag=True, envvar="HMST_BENCH_STRICT", help="Fail if any plugin fails to load (also HMST_BENCH_STRICT=1).")
+@click.pass_context
+def cli(ctx: click.Context, strict: bool) -> None:
+    """Train architectures to a measured FLOPs budget and compare them with dense baselines."""
+    registry = _registry()
+    if strict and registry.failures:
+        f = registry.failures[0]
+        raise click.ClickException(f"plugin {f.name} ({f.distribution}) failed: {f.error}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
+def plugins(as_json: bool) -> None:
+    """List loaded plugins and the ones that failed to load."""
+    registry = _registry()
+    rows = [
+        {"name": p.name, "distribution": p.distribution, "version": p.version, "hooks": p.hooks,
+         "architectures": p.architectures, "suites": p.suites, "status": "ok", "error": None}
+        for p in registry.plugins.values()
+    ] + [
+        {"name": f.name, "distribution": f.distribution, "version": None, "hooks": [], "architectures": [],
+         "suites": [], "status": "failed", "error": f.error}
+        for f in registry.failures
+    ]
+    if as_json:
+        _emit_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title="hmst-bench plugins")
+    for col in ("plugin", "distribution", "version", "provides", "status"):
+        table.add_column(col)
+    for r in rows:
+        provides = ", ".join(r["architectures"] + [f"suite:{s}" for s in r["suites"]]) or "-"
+        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]failed[/]: {r['error']}"
+        table.add_row(r["name"], r["distribution"], r["version"] or "-", provides, status)
+    err.print(table)
+
+
+@cli.command("list")
+@click.argument("what", type=click.Choice(["archs", "suites"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
+def list_cmd(what: str, as_json: bool) -> None:
+    """List registered architectures or evaluation suites."""
+    registry = _registry()
+    if what == "archs":
+        rows = [{"name": s.name, "description": s.description, "sizes": list(s.sizes), "stages": list(s.stages),
+                 "distribution": s.distribution} for s in registry.architectures().values()]
+        cols = ("name", "sizes", "distribution", "description")
+    else:
+        rows = [{"name": s.name, "description": s.description, "tasks": list(s.tasks), "distribution": s.distribution}
+                for s in registry.suites().values()]
+        cols = ("name", "tasks", "distribution", "description")
+    if as_json:
+        _emit_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"hmst-bench {what}")
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[", ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in cols])
+    if not rows:
+        err.print(f"no {what} registered (install a plugin that provides them)")
+        return
+    err.print(table)
+
+
+def _parse_sets(values, arch: str | None):
+    if not values:
+        return {}
+    if not arch:
+        raise click.UsageError("--set needs --arch (or a run to resume) to know the config fields")
+    from hmst_bench.arch import ConfigError, parse_override
+    from hmst_bench.plugins import ArchitectureNotFound
+
+    try:
+        config_cls = _registry().arch(arch).config_cls
+        return dict(parse_override(v, config_cls) for v in values)
+    except (ConfigError, ArchitectureNotFound) as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+
+
+def _recorded_arch(out: Path | None) -> str | None:
+    if out is None or not (out / "run.json").exists():
+        return None
+    try:
+        return json.loads((out / "run.json").read_text()).get("arch")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@cli.command()
+@click.option("--arch", help="Architecture name (see `hmst-bench list archs`).")
+@click.option("--budget", help="Compute: FLOPs (1e15, 3e13flops) or tokens (20Mtok).")
+@click.option("--size", type=click.Choice(["micro", "tiny", "small", "base"]), help="Size preset [default: tiny].")
+@click.option("--corpus", help="stdlib-code (default), synthetic-facts, a file/folder, or hf:NAME[:CONFIG].")
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/<arch>-<size>-<budget>-s<seed>-<time>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its last checkpoint left it.")
+@click.option("--seed", type=int, help="Seed for initialisation and data order [default: 0].")
+@click.option("--save-every", type=click.IntRange(min=0), default=250, show_default=True, help="Checkpoint every N steps (0: only at the end).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Validate every N steps [default: about ten times per run].")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Training context length [default: the size's window].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-batch per process [default: 8].")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per optimiser step [default: 1].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate [default: 1e-3].")
+@click.option("--warmup", type=click.IntRange(min=0), help="Warmup steps [default: 5% of the run].")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), help="Autocast precision [default: no].")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="Reuse the tokenizer of another run directory.")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a config field (repeatable).")
+@click.option("--stage", help="Stage to train, for architectures trained in stages.")
+@click.option("--json", "as_json", is_flag=True, help="Print run.json to stdout when done.")
+def train(arch, budget, size, corpus, out, resume, seed, save_every, eval_every, seq_len, batch_size, grad_accum,
+          lr, warmup, mixed_precision, tokenizer, sets, stage, as_json) -> None:
+    """Train an architecture until its measured compute reaches --budget."""
+    from hmst_bench.train.loop import TrainSettings, default_out
+
+    if resume and out is None:
+        raise click.UsageError("--resume needs --out, the run directory to continue")
+    if not resume and arch is None:
+        raise click.UsageError("--arch is required (see `hmst-bench list archs`)")
+    if not resume and budget is None:
+        raise click.UsageError("--budget is required, e.g. --budget 1e15 (FLOPs) or --budget 20Mtok")
+    if tokenizer is not None and not (tokenizer / "tokenizer.json").exists():
+        raise click.BadParameter(f"{tokenizer} has no tokenizer.json; give a run directory", param_hint="--tokenizer")
+    if out is None:
+        out = default_out(arch, size or "tiny", budget, seed or 0)
+    settings = TrainSettings(
+        arch=arch, budget=budget, out=out, size=size, corpus=corpus, resume=resume, tokenizer=tokenizer,
+        overrides=_parse_sets(sets, arch or _recorded_arch(out)), stage=stage, seed=seed, batch_size=batch_size,
+        seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup=warmup, mixed_precision=mixed_precision,
+        save_every=save_every, eval_every=eval_every,
+    )
+    info = run_training(settings)
+    if as_json:
+        _emit_json(info)
+
+
+def run_training(settings) -> dict:
+    """Train with a progress bar; map library errors to one-line CLI errors; print the summary."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hmst_bench.train.context import TrainingDiverged
+    from hmst_bench.train.loop import TrainError
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}% of budget"),
+        TextColumn("{task.fields[tokens]} tok"), TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
+    )
+    task = progress.add_task("train", total=1.0, tokens="0", loss="-", tps="-", start=False)
+
+    def update(ctx) -> None:
+        if not progress.tasks[task].started:
+            progress.start_task(task)
+            progress.update(task, description=f"{ctx.spec.name} {ctx.stage or ''}".strip())
+        tps = ctx.meter.tokens / max(1e-9, ctx.elapsed)
+        progress.update(task, completed=ctx.meter.fraction, tokens=f"{ctx.meter.tokens:,}", loss=f"{ctx.last_loss:.4f}", tps=f"{tps:,.0f}")
+
+    try:
+        with progress:
+            from hmst_bench.train.loop import train as train_fn
+
+            info = train_fn(settings, progress=update, announce=lambda m: err.print(f"[dim]{m}[/]"))
+    except (TrainError, TrainingDiverged) as exc:
+        raise click.ClickException(str(exc)) from None
+    print_summary(info, settings.out)
+    if info["status"] == "interrupted":
+        err.print(f"[yellow]interrupted[/] by {info.get('interrupted_by')} at step {info['steps']}; "
+                  f"continue with: hmst-bench train --resume --out {settings.out}")
+        sys.exit(130)
+    return info
+
+
+def print_summary(info: dict, out) -> None:
+    from rich.table import Table
+
+    def num(v, fmt="{:.4g}"):
+        return "-" if v is None else fmt.format(v)
+
+    table = Table(title=f"run {out}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("arch / size", f"{info['arch']} / {info['size']}" + (f" / stage {info['stage']}" if info.get("stage") else "")),
+        ("status", info["status"]),
+        ("params (total / active)", f"{info['params_total']:,} / {info['params_active']:,}"),
+        ("budget", f"{info['budget']} ({info['budget_kind']})"),
+        ("achieved FLOPs", num(info.get("achieved_flops"), "{:.4e}")),
+        ("FLOPs per token", num(info.get("flops_per_token"), "{:.4e}")),
+        ("tokens / steps", f"{info.get('tokens', 0):,} / {info.get('steps', 0):,}"),
+        ("wall seconds", num(info.get("wall_seconds"), "{:.1f}")),
+        ("final train loss", num(info.get("final_train_loss"))),
+        ("val loss / bits per byte", f"{num(info.get('val_loss'))} / {num(info.get('val_bpb'))}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    err.print(table)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/demo-<time>].")
+@click.option("--budget", default="3e13", show_default=True, help="Compute budget for the demo run.")
+@click.option("--json", "as_json", is_flag=True, help="Print run.json to stdout when done.")
+def demo(out, budget, as_json) -> None:
+    """Train dense-llama (tiny) on the embedded stdlib-code corpus for about two minutes."""
+    import time
+
+    from hmst_bench.train.loop import TrainSettings
+
+    out = out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    err.print(f"[bold]hmst-bench demo[/]: dense-llama tiny, budget {budget} FLOPs, corpus stdlib-code -> {out}")
+    info = run_training(TrainSettings(arch="dense-llama", size="tiny", budget=budget, corpus="stdlib-code", out=out))
+    if as_json:
+        _emit_json(info)
+
+
+def main() -> None:
+    """Console entry point: plugin commands are added before click parses the command line."""
+    from hmst_bench.plugins import PluginLoadError, get_registry
+
+    try:
+        get_registry().register_commands(cli)
+    except PluginLoadError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    cli(prog_name="hmst-bench")
+
+
+if __name__ == "__main__":
+    main()

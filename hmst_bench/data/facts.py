@@ -1,0 +1,200 @@
+"""`synthetic-facts`: a seeded knowledge base of fictional people and places, rendered as prose.
+
+Because every entity is invented, a model can only know a fact if it saw it in training. That
+makes the corpus a clean probe of memory and hallucination: `questions()` asks about entities
+that appear in the training text ("seen") and about entities that never do ("unseen"), and a
+model that answers an unseen-entity question confidently is hallucinating by construction.
+The question set is held out: no question-form sentence is ever rendered into the corpus.
+
+Everything is a pure function of the seed, so the corpus, the split and the questions are
+identical on every machine.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+SEED = 20261122
+N_PEOPLE = 1200
+N_CITIES = 240
+N_COUNTRIES = 24
+UNSEEN_FRACTION = 0.2
+RENDERINGS = 3  # each seen entity is described in this many differently-worded documents
+
+_ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
+           "br", "dr", "gr", "kr", "st", "th", "sh", "ch", "tr", "vl", "qu", "fl"]
+_VOWELS = ["a", "e", "i", "o", "u", "ae", "ia", "ou", "ei", "y"]
+_CODAS = ["", "", "n", "r", "l", "s", "th", "m", "nd", "rk", "x", "v"]
+_OCCUPATIONS = ["cartographer", "glassblower", "astronomer", "botanist", "clockmaker", "composer",
+                "shipwright", "archivist", "beekeeper", "bridge engineer", "lens grinder", "weaver",
+                "physician", "violin maker", "surveyor", "chemist", "printer", "lighthouse keeper",
+                "mathematician", "ferry captain"]
+_WORKS = ["the tidal engine", "a folding telescope", "the salt ledger", "a map of the northern reefs",
+          "the copper loom", "a treatise on frost", "the hanging gardens survey", "a cipher for lamps",
+          "the river calendar", "a glass harmonica", "the stone bell", "a catalogue of moths"]
+
+
+@dataclass(frozen=True)
+class Person:
+    id: str
+    name: str
+    birth_year: int
+    birthplace: str
+    occupation: str
+    known_for: str
+    seen: bool
+
+
+@dataclass(frozen=True)
+class City:
+    id: str
+    name: str
+    country: str
+    founded: int
+    river: str
+    seen: bool
+
+
+@dataclass(frozen=True)
+class KnowledgeBase:
+    people: tuple[Person, ...]
+    cities: tuple[City, ...]
+    countries: tuple[str, ...]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    parts = []
+    for _ in range(syllables):
+        parts.append(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS))
+    return "".join(parts).capitalize()
+
+
+def _unique_words(rng: random.Random, n: int, syllables: tuple[int, int], taken: set[str]) -> list[str]:
+    out = []
+    while len(out) < n:
+        w = _word(rng, rng.randint(*syllables))
+        if w not in taken and len(w) >= 4:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+@lru_cache(maxsize=4)
+def knowledge_base(seed: int = SEED) -> KnowledgeBase:
+    rng = random.Random(seed)
+    taken: set[str] = set()
+    countries = tuple(_unique_words(rng, N_COUNTRIES, (2, 3), taken))
+    rivers = _unique_words(rng, 40, (2, 2), taken)
+    city_names = _unique_words(rng, N_CITIES, (2, 3), taken)
+    cities = tuple(
+        City(
+            id=f"city-{i:04d}",
+            name=name,
+            country=rng.choice(countries),
+            founded=rng.randint(800, 1850),
+            river=rng.choice(rivers),
+            seen=rng.random() >= UNSEEN_FRACTION,
+        )
+        for i, name in enumerate(city_names)
+    )
+    seen_cities = [c for c in cities if c.seen]  # an unseen city must never be named in the corpus
+    given = _unique_words(rng, 300, (1, 2), taken)
+    family = _unique_words(rng, 600, (2, 3), taken)
+    names: set[str] = set()
+    people = []
+    while len(people) < N_PEOPLE:
+        name = f"{rng.choice(given)} {rng.choice(family)}"
+        if name in names:
+            continue
+        names.add(name)
+        people.append(
+            Person(
+                id=f"person-{len(people):04d}",
+                name=name,
+                birth_year=rng.randint(1650, 1990),
+                birthplace=rng.choice(seen_cities).name,
+                occupation=rng.choice(_OCCUPATIONS),
+                known_for=rng.choice(_WORKS),
+                seen=rng.random() >= UNSEEN_FRACTION,
+            )
+        )
+    return KnowledgeBase(tuple(people), cities, countries)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _person_sentences(p: Person, rng: random.Random) -> list[str]:
+    first = p.name.split()[0]
+    born = rng.choice([
+        f"{p.name} was born in {p.birthplace} in {p.birth_year}.",
+        f"Born in {p.birth_year} in the city of {p.birthplace}, {p.name} spent a childhood there.",
+        f"In {p.birth_year}, {p.name} was born in {p.birthplace}.",
+    ])
+    job = rng.choice([
+        f"{first} worked as {_article(p.occupation)} {p.occupation}.",
+        f"By trade, {p.name} was {_article(p.occupation)} {p.occupation}.",
+        f"{first} became a well-known {p.occupation}.",
+    ])
+    fame = rng.choice([
+        f"{first} is best remembered for {p.known_for}.",
+        f"Today {p.name} is remembered chiefly for {p.known_for}.",
+        f"The work most associated with {first} is {p.known_for}.",
+    ])
+    sentences = [job, fame]
+    rng.shuffle(sentences)
+    return [born] + sentences
+
+
+def _city_sentences(c: City, rng: random.Random) -> list[str]:
+    return [
+        rng.choice([
+            f"{c.name} is a city in {c.country}.",
+            f"The city of {c.name} lies in {c.country}.",
+            f"{c.name}, in {c.country}, is an old market town.",
+        ]),
+        rng.choice([
+            f"It was founded in {c.founded} on the banks of the {c.river}.",
+            f"Founded in {c.founded}, {c.name} grew up along the {c.river} river.",
+            f"The {c.river} runs through {c.name}, which was founded in {c.founded}.",
+        ]),
+    ]
+
+
+def documents(seed: int = SEED) -> list[tuple[str, str]]:
+    """(doc_id, text) for every rendering of every seen entity; unseen ones never appear."""
+    kb = knowledge_base(seed)
+    docs = []
+    for r in range(RENDERINGS):
+        for p in kb.people:
+            if p.seen:
+                rng = random.Random(f"{seed}:{p.id}:{r}")
+                docs.append((f"{p.id}/{r}", " ".join(_person_sentences(p, rng))))
+        for c in kb.cities:
+            if c.seen:
+                rng = random.Random(f"{seed}:{c.id}:{r}")
+                docs.append((f"{c.id}/{r}", " ".join(_city_sentences(c, rng))))
+    return docs
+
+
+def questions(seed: int = SEED) -> list[dict]:
+    """Held-out closed-book questions about seen and unseen entities, with reference answers."""
+    kb = knowledge_base(seed)
+    out = []
+    for p in kb.people:
+        for key, question, answer in (
+            ("birth_year", f"In what year was {p.name} born?", str(p.birth_year)),
+            ("birthplace", f"In which city was {p.name} born?", p.birthplace),
+            ("occupation", f"What was {p.name}'s occupation?", p.occupation),
+        ):
+            out.append({"id": f"{p.id}:{key}", "entity": p.name, "seen": p.seen, "question": question, "answer": answer})
+    for c in kb.cities:
+        for key, question, answer in (
+            ("country", f"In which country is {c.name}?", c.country),
+            ("founded", f"In what year was {c.name} founded?", str(c.founded)),
+        ):
+            out.append({"id": f"{c.id}:{key}", "entity": c.name, "seen": c.seen, "question": question, "answer": answer})
+    return out

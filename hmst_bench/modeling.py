@@ -1,0 +1,128 @@
+"""Reusable pieces for meeting the model contract (`hmst_bench.arch.LanguageModel`).
+
+- `sample_next`: greedy / temperature / nucleus (top-p) choice from a log-distribution;
+- `decode_loop`: the one generation loop every architecture shares (stop sequences, finished
+  rows, max_new_tokens), driven by a per-architecture `step` function that may keep a KV cache;
+- `SoftmaxLM`: a base class for models with a full-vocabulary logits head; a subclass writes
+  `logits(input_ids)` and gets `loss`, `token_logprobs`, `next_token_logprobs` and an O(n^2)
+  cache-free `generate`; it overrides `decode_step` to add a KV cache.
+
+Architectures whose head is not a softmax (a hierarchical softmax, say) implement the four
+methods themselves and still reuse `decode_loop`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# step(new_tokens [B, n], state) -> (next-token log-probs [B, V], new state); state None at first
+DecodeStep = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+def sample_next(
+    logprobs: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Pick one token per row. temperature <= 0 is greedy (argmax); otherwise sample from
+    softmax(logprobs / temperature) restricted to the smallest set of tokens whose probability
+    reaches top_p (the most likely token is always kept)."""
+    if temperature <= 0:
+        return logprobs.argmax(dim=-1)
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    probs = torch.softmax(logprobs.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly before each token
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _normalise_stop(stop: Optional[Iterable]) -> list[tuple[int, ...]]:
+    out = []
+    for s in stop or ():
+        seq = (int(s),) if isinstance(s, int) or (torch.is_tensor(s) and s.ndim == 0) else tuple(int(t) for t in s)
+        if seq:
+            out.append(seq)
+    return out
+
+
+@torch.no_grad()
+def decode_loop(
+    step: DecodeStep,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Optional[Iterable] = None,
+    generator: Optional[torch.Generator] = None,
+) -> list[list[int]]:
+    """Generate up to `max_new_tokens` per row; a row ends right after it produces a stop
+    sequence (a token id or a sequence of ids), which is removed from the returned tokens."""
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError("input_ids must be a non-empty [B, T] tensor")
+    stops = _normalise_stop(stop)
+    batch = input_ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    logprobs, state = step(input_ids, None)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logprobs, temperature, top_p, generator)
+        for b in range(batch):
+            if done[b]:
+                continue
+            out[b].append(int(nxt[b]))
+            for seq in stops:
+                if len(out[b]) >= len(seq) and tuple(out[b][-len(seq):]) == seq:
+                    del out[b][-len(seq):]
+                    done[b] = True
+                    break
+        if all(done):
+            break
+        logprobs, state = step(nxt[:, None], state)
+    return out
+
+
+class SoftmaxLM(torch.nn.Module):
+    """Base for models whose head gives logits over the whole vocabulary.
+
+    Subclasses set `self.max_seq_len` and implement `logits(input_ids) -> [B, T, V]`."""
+
+    max_seq_len: int
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids)")
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        logits = self.logits(batch["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return loss, {}
+
+    def _check_window(self, input_ids: torch.Tensor) -> None:
+        if input_ids.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"{input_ids.shape[1]} tokens exceed the model's window of {self.max_seq_len}; "
+                f"score longer text in windows (loglikelihood_rolling does)"
+            )
+
+    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self._check_window(input_ids)
+        logp = torch.log_softmax(self.logits(input_ids).float(), dim=-1)
+        return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+
+    def next_token_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(input_ids[:, -self.max_seq_len :])
+        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def decode_step(self, new_tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """Cache-free step: re-encode the last `max_seq_len` tokens every time (O(n^2))."""
+        seq = new_tokens if state is None else torch.cat([state, new_tokens], dim=1)
+        return self.next_token_logprobs(seq), seq
+
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None):
+        return decode_loop(self.decode_step, input_ids, max_new_tokens, temperature, top_p, stop, generator)

@@ -1,0 +1,356 @@
+"""`train(settings)`: from a `hmst-bench train` command line to a finished run directory.
+
+    resolve arch, size, config and recipe (for --resume: from run.json, refusing any change)
+    -> tokenizer (trained on the corpus, or reused from --tokenizer RUN) -> packed token data
+    -> build the model under the seed -> accelerate (devices, DDP, mixed precision)
+    -> the architecture's stage runner, or `shared_loop`: probe FLOPs per step on the real first
+       batch, refuse a budget below one step, plan the schedule, step until achieved >= budget
+    -> final validation, weights, artifacts and run.json (status complete)
+
+SIGINT/SIGTERM end the current step, write a checkpoint and mark the run `interrupted`; a
+NaN/inf loss stops with `TrainingDiverged`, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from hmst_bench.arch import ConfigError, config_from_dict, config_hash, config_to_dict
+from hmst_bench.budget import BudgetMeter, parse_budget
+from hmst_bench.train import rundir
+from hmst_bench.train.context import LossModule, Recipe, TrainContext, TrainingDiverged, make_optimizer
+
+DEFAULTS = {"size": "tiny", "corpus": "stdlib-code"}
+
+
+class TrainError(ValueError):
+    """A user mistake found before or while training; the message says what to do."""
+
+
+@dataclass
+class TrainSettings:
+    """What `hmst-bench train` was asked. None means "default" (or, with --resume, "as recorded")."""
+
+    arch: Optional[str] = None
+    budget: Optional[str] = None
+    out: Optional[Path] = None
+    size: Optional[str] = None
+    corpus: Optional[str] = None
+    resume: bool = False
+    tokenizer: Optional[Path] = None
+    overrides: dict = field(default_factory=dict)
+    stage: Optional[str] = None
+    # recipe fields (None: Recipe default or recorded value)
+    seed: Optional[int] = None
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    grad_accum: Optional[int] = None
+    lr: Optional[float] = None
+    warmup: Optional[int] = None
+    mixed_precision: Optional[str] = None
+    # bookkeeping (may change on resume)
+    save_every: int = 250
+    eval_every: int = 0  # 0: about ten validations per run
+    log_every: int = 10
+    val_tokens: int = 32768
+
+
+RECIPE_FLAGS = {"seed": "--seed", "batch_size": "--batch-size", "seq_len": "--seq-len", "grad_accum": "--grad-accum",
+                "lr": "--lr", "warmup": "--warmup", "mixed_precision": "--mixed-precision"}
+
+
+def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe, Optional[dict]]:
+    """Returns (spec, run-level choices, config without vocab, recipe, recorded info or None)."""
+    from hmst_bench.plugins import ArchitectureNotFound
+
+    out = Path(settings.out)
+    recorded = None
+    if settings.resume:
+        try:
+            recorded = rundir.read_info(out)
+        except rundir.RunError as exc:
+            raise TrainError(f"cannot resume: {exc}") from None
+        for key, given in (("arch", settings.arch), ("size", settings.size), ("corpus", settings.corpus),
+                           ("budget", settings.budget), ("stage", settings.stage)):
+            if given is not None and str(given) != str(recorded.get(key if key != "corpus" else "corpus_spec")):
+                have = recorded.get(key if key != "corpus" else "corpus_spec")
+                raise TrainError(f"{out} was trained with --{key} {have}; resume it with the same value or start a new --out")
+    elif (out / rundir.RUN_FILE).exists():
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+    arch = settings.arch or (recorded or {}).get("arch")
+    if not arch:
+        raise TrainError("--arch is required (see `hmst-bench list archs`)")
+    try:
+        spec = registry.arch(arch)
+    except ArchitectureNotFound as exc:
+        raise TrainError(str(exc)) from None
+    choices = {
+        "arch": arch,
+        "size": settings.size or (recorded or {}).get("size") or DEFAULTS["size"],
+        "corpus": settings.corpus or (recorded or {}).get("corpus_spec") or DEFAULTS["corpus"],
+        "budget": settings.budget or (recorded or {}).get("budget"),
+        "stage": settings.stage or (recorded or {}).get("stage") or (spec.stages[0] if spec.stages else None),
+    }
+    if not choices["budget"]:
+        raise TrainError("--budget is required, e.g. --budget 1e15 (FLOPs) or --budget 20Mtok")
+    if spec.stages and choices["stage"] not in spec.stages:
+        raise TrainError(f"{arch} has stages {', '.join(spec.stages)}; --stage {choices['stage']} is not one of them")
+    if not spec.stages and choices["stage"] is not None:
+        raise TrainError(f"{arch} trains in a single stage; drop --stage")
+
+    try:
+        if recorded is not None and not settings.overrides and settings.size is None:
+            config = config_from_dict(spec.config_cls, recorded["config"])
+        else:
+            config = spec.make_config(choices["size"], settings.overrides)
+    except ConfigError as exc:
+        raise TrainError(str(exc)) from None
+
+    recipe_values = {}
+    for name in RECIPE_FLAGS:
+        given = getattr(settings, name)
+        have = (recorded or {}).get("training", {}).get(name) if recorded else None
+        if recorded is not None and given is not None and given != have:
+            raise TrainError(f"{out} was trained with {RECIPE_FLAGS[name]} {have}; resume it with the same value or start a new --out")
+        value = given if given is not None else have
+        if value is not None:
+            recipe_values[name] = value
+    recipe_values.setdefault("seq_len", config.max_seq_len)
+    recipe = Recipe(**recipe_values)
+    if recipe.seq_len != config.max_seq_len:
+        config = _replace(config, max_seq_len=recipe.seq_len)
+    for name in ("batch_size", "seq_len", "grad_accum"):
+        if getattr(recipe, name) <= 0:
+            raise TrainError(f"{RECIPE_FLAGS[name]} must be positive")
+    if recipe.mixed_precision not in ("no", "bf16", "fp16"):
+        raise TrainError("--mixed-precision must be no, bf16 or fp16")
+    return spec, choices, config, recipe, recorded
+
+
+def _replace(config, **changes):
+    try:
+        return dataclasses.replace(config, **changes)
+    except ConfigError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def _prepare_out(out: Path, resume: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainError(f"cannot write to {out} ({exc.strerror}); choose a writable --out") from None
+
+
+def _tokenizer(settings: TrainSettings, choices: dict, config, corpus, recorded) -> tuple[Any, dict]:
+    from hmst_bench.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_hash, train_tokenizer
+
+    try:
+        if recorded is not None:
+            tok, source = load_tokenizer(settings.out), recorded.get("tokenizer", {}).get("source", "trained")
+        elif settings.tokenizer is not None:
+            tok, source = load_tokenizer(settings.tokenizer), f"run:{Path(settings.tokenizer).resolve()}"
+        else:
+            tok, source = train_tokenizer(corpus.split["train"], config.vocab_size, cache_key=corpus.fingerprint), "trained"
+    except TokenizerError as exc:
+        raise TrainError(str(exc)) from None
+    return tok, {"source": source, "vocab_size": len(tok), "hash": tokenizer_hash(tok),
+                 "pad_id": tok.pad_token_id, "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id}
+
+
+def count_params(model) -> tuple[int, int]:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    active = model.num_active_params() if hasattr(model, "num_active_params") else total
+    return total, int(active)
+
+
+def shared_loop(ctx: TrainContext) -> None:
+    """The default training loop: every architecture without its own stage runner uses it."""
+    if ctx.resuming:
+        ctx.restore()
+    else:
+        fps = ctx.probe_flops(ctx.batches(0))
+        ctx.meter.flops_per_step = fps
+        if ctx.budget.kind == "flops" and ctx.budget.amount < fps:
+            raise TrainError(
+                f"budget {ctx.budget.text} is below one training step ({fps:.3g} FLOPs at batch "
+                f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {fps:.3g} or more"
+            )
+        ctx.plan(ctx.budget.steps_for(fps, ctx.tokens_per_step))
+    while not ctx.should_stop:
+        ctx.train_step()
+
+
+def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]] = None,
+          announce: Optional[Callable[[str], None]] = None) -> dict:
+    """Run (or resume) training; returns run.json's content. Raises TrainError / TrainingDiverged."""
+    import torch
+    from accelerate import Accelerator
+
+    from hmst_bench.budget import BudgetError
+    from hmst_bench.data.corpora import CorpusError, load_corpus, python_tag
+    from hmst_bench.data.tokenizer import save_tokenizer, token_byte_lengths
+    from hmst_bench.data.tokens import encode_corpus
+    from hmst_bench.plugins import get_registry
+
+    announce = announce or (lambda msg: None)
+    if settings.out is None:
+        raise TrainError("--out is required")
+    out = Path(settings.out)
+    spec, choices, config, recipe, recorded = _resolve(settings, get_registry())
+    try:
+        budget = parse_budget(choices["budget"])
+    except BudgetError as exc:
+        raise TrainError(str(exc)) from None
+    _prepare_out(out, settings.resume)
+
+    try:
+        corpus = load_corpus(choices["corpus"])
+        announce(f"corpus {choices['corpus']}: reading and splitting")
+        corpus.split  # noqa: B018 - read now, so a bad corpus fails before any model is built
+    except CorpusError as exc:
+        raise TrainError(str(exc)) from None
+    tok, tok_info = _tokenizer(settings, choices, config, corpus, recorded)
+    config = _replace(config, vocab_size=len(tok))
+    chash = config_hash(config)
+    if recorded is not None and recorded.get("config_hash") != chash:
+        raise TrainError(f"{out} was trained with config {recorded.get('config_hash')}, not {chash}; resume with the same --size and --set values")
+    data = encode_corpus(corpus, tok)
+    try:
+        data.check_seq_len(recipe.seq_len)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+
+    accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
+    torch.manual_seed(recipe.seed)
+    model = spec.build(config, tok)
+    model.train()
+    params_total, params_active = count_params(model)
+    optimizer = make_optimizer(model, recipe)
+    wrapped, optimizer = accelerator.prepare(LossModule(model), optimizer)
+    meter = BudgetMeter(budget, world_size=accelerator.num_processes)
+
+    ctx = TrainContext(
+        spec=spec, config=config, model=model, wrapped=wrapped, optimizer=optimizer, accelerator=accelerator,
+        tokenizer=tok, data=data, recipe=recipe, budget=budget, meter=meter, run_dir=out,
+        byte_lengths=token_byte_lengths(tok), stage=choices["stage"], resuming=settings.resume,
+        save_every=settings.save_every, eval_every=settings.eval_every, log_every=max(1, settings.log_every), val_tokens=settings.val_tokens,
+        on_progress=progress or (lambda ctx: None),
+    )
+    if accelerator.is_main_process and recorded is None:
+        save_tokenizer(tok, out)
+
+    info = dict(recorded or {})
+    info.update({
+        "arch": spec.name, "size": choices["size"], "seed": recipe.seed, "stage": choices["stage"],
+        "description": spec.description, "distribution": spec.distribution,
+        "config": config_to_dict(config), "config_hash": chash,
+        "budget": budget.text, "budget_kind": budget.kind,
+        "budget_flops": budget.amount if budget.kind == "flops" else None,
+        "budget_tokens": int(budget.amount) if budget.kind == "tokens" else None,
+        "params_total": params_total, "params_active": params_active,
+        "corpus_spec": choices["corpus"],
+        "corpus": {**corpus.describe(), **({"python": python_tag()} if choices["corpus"] == "stdlib-code" else {})},
+        "tokenizer": tok_info, "training": {**recipe.as_dict(), "world_size": accelerator.num_processes},
+        "versions": rundir.versions((spec.distribution,) if spec.distribution else ()),
+        "git_sha": rundir.git_sha(), "hardware": rundir.hardware(),
+    })
+    info.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def record(status: str, **extra) -> dict:
+        tps = ctx.tokens_per_step
+        fps = meter.flops_per_step
+        info.update({
+            "status": status, "achieved_flops": meter.flops, "tokens": meter.tokens, "steps": meter.steps,
+            "flops_per_step": fps, "flops_per_token": (fps / tps) if fps else (meter.flops / meter.tokens if meter.tokens else None),
+            "planned_steps": ctx.total_steps, "wall_seconds": round(ctx.elapsed, 3),
+            "final_train_loss": ctx.last_loss if meter.steps else None,
+            "val_loss": ctx.last_val.get("val_loss"), "val_bpb": ctx.last_val.get("val_bpb"), **extra,
+        })
+        if accelerator.is_main_process:
+            rundir.write_info(out, info)
+        return info
+
+    def save_model_files(c: TrainContext) -> None:
+        rundir.save_weights(out, model, config_to_dict(config))
+        if hasattr(model, "save_artifacts"):
+            model.save_artifacts(out)
+        record("running")
+
+    ctx.on_checkpoint = save_model_files
+
+    handlers = _install_signal_handlers(ctx)
+    runner = spec.stage_runner or shared_loop
+    try:
+        if recorded is None:
+            record("running")
+        runner(ctx)
+    except TrainingDiverged as exc:
+        record("failed", error=str(exc))
+        kept = ckpt_step(out)
+        raise TrainingDiverged(
+            f"{exc}; " + (f"the last good checkpoint (step {kept}) is kept in {out}/state" if kept is not None else "no checkpoint was written")
+            + "; lower --lr or --set a smaller init"
+        ) from None
+    finally:
+        _restore_signal_handlers(handlers)
+
+    if ctx.stop_signal is not None:
+        ctx.checkpoint()
+        record("interrupted", interrupted_by=ctx.stop_signal)
+        return info
+    ctx.validate()
+    ctx.checkpoint()
+    return record("complete")
+
+
+def ckpt_step(out: Path) -> Optional[int]:
+    import torch
+
+    from hmst_bench.train.checkpoint import state_path
+
+    path = state_path(out)
+    if path is None:
+        return None
+    return int(torch.load(path / "trainer.pt", weights_only=False)["step"])
+
+
+def _install_signal_handlers(ctx: TrainContext):
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit. A second SIGINT aborts at once."""
+    previous = {}
+
+    def handler(signum, frame):
+        if ctx.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        ctx.stop_signal = signal.Signals(signum).name
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. called from a worker); no handlers then
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous) -> None:
+    for sig, h in previous.items():
+        signal.signal(sig, h)
+
+
+def default_out(arch: str, size: str, budget: str, seed: int) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe_budget = budget.replace("+", "").replace("/", "_")
+    return Path(os.environ.get("HMST_BENCH_RUNS", "runs")) / f"{arch}-{size}-{safe_budget}-s{seed}-{stamp}"

@@ -1,0 +1,175 @@
+"""The run directory, hmst-bench's unit of reproducibility, and `load_run` to open one.
+
+    RUN/run.json            what was trained, on what, for how much compute, with what result
+    RUN/metrics.jsonl       one JSON line per logged step ("kind": "train") and validation ("val")
+    RUN/tokenizer.json      + tokenizer_config.json: loadable by PreTrainedTokenizerFast
+    RUN/model.safetensors   weights; RUN/model_config.json the config dataclass as JSON
+    RUN/state/              optimiser, scheduler, RNG, meter and data position for an exact resume
+    RUN/<artifacts>         whatever the model's save_artifacts writes (dense baselines: RUN/hf/)
+
+Every file is replaced atomically; a killed process leaves the previous version whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hmst_bench.util import atomic_save, atomic_write, atomic_write_json
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+STATE_DIR = "state"
+
+
+class RunError(ValueError):
+    """A run directory is missing, incomplete or made by something not installed."""
+
+
+def read_info(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.exists():
+        raise RunError(f"{run_dir} is not a run directory (no {RUN_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path} is not valid JSON ({exc.msg})") from None
+
+
+def write_info(run_dir: str | Path, info: dict) -> None:
+    atomic_write_json(Path(run_dir) / RUN_FILE, info)
+
+
+def save_weights(run_dir: str | Path, model, config_dict: dict) -> None:
+    """Weights as safetensors (shared tensors stored once) and the config as JSON."""
+    from safetensors.torch import save_model
+
+    run_dir = Path(run_dir)
+    atomic_save(run_dir / WEIGHTS_FILE, lambda p: save_model(model, p))
+    atomic_write_json(run_dir / CONFIG_FILE, config_dict)
+
+
+def load_weights(model, path: str | Path) -> None:
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(model, str(path), strict=False)
+    if missing or unexpected:
+        raise RunError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; `truncate_after(step)` drops lines a resume will redo."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / METRICS_FILE
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill; everything after it is gone too
+        return rows
+
+    def truncate_after(self, step: int) -> None:
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def versions(extra_distributions: tuple[str, ...] = ()) -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("hmst-bench", "torch", "transformers", "lm-eval", "accelerate", "tokenizers", *extra_distributions):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def git_sha() -> str | None:
+    """Commit of the hmst-bench checkout that ran (with "-dirty" if it had local changes)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+# ----------------------------------------------------------------------------- load_run
+
+
+@dataclass
+class Run:
+    """A trained run, ready to evaluate: `.model` (eval mode), `.tokenizer`, `.spec`, `.info`."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    spec: Any
+    info: dict
+    config: Any
+
+
+def load_run(path: str | Path, device: str | None = None) -> Run:
+    """Open a run directory: rebuild its architecture from run.json, load tokenizer and weights."""
+    from hmst_bench.arch import config_from_dict
+    from hmst_bench.data.tokenizer import load_tokenizer
+    from hmst_bench.plugins import ArchitectureNotFound, get_registry
+
+    path = Path(path)
+    info = read_info(path)
+    if not (path / WEIGHTS_FILE).exists():
+        raise RunError(f"{path} has no {WEIGHTS_FILE}: the run never reached its first checkpoint")
+    try:
+        spec = get_registry().arch(info["arch"])
+    except ArchitectureNotFound as exc:
+        raise RunError(f"{path} was trained with {info['arch']!r}, which is not available here: {exc}") from None
+    config = config_from_dict(spec.config_cls, info["config"])
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) != config.vocab_size:
+        raise RunError(f"{path}: tokenizer has {len(tokenizer)} tokens but the config says {config.vocab_size}")
+    model = spec.build(config, tokenizer)
+    load_weights(model, path / WEIGHTS_FILE)
+    if hasattr(model, "load_artifacts"):
+        model.load_artifacts(path)
+    if device:
+        model.to(device)
+    model.eval()
+    return Run(path=path, model=model, tokenizer=tokenizer, spec=spec, info=info, config=config)
