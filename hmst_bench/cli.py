@@ -188,22 +188,24 @@ def run_training(settings) -> dict:
         TextColumn("{task.fields[tokens]} tok"), TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
     )
-    task = progress.add_task("train", total=1.0, tokens="0", loss="-", tps="-", start=False)
+    task = progress.add_task("train", total=1.0, tokens="0", loss="-", tps="-")
 
     def update(ctx) -> None:
-        if not progress.tasks[task].started:
-            progress.start_task(task)
+        if not progress.live.is_started:  # shown from the first step on, so early errors stay one line
             progress.update(task, description=f"{ctx.spec.name} {ctx.stage or ''}".strip())
+            progress.start()
         tps = ctx.meter.tokens / max(1e-9, ctx.elapsed)
         progress.update(task, completed=ctx.meter.fraction, tokens=f"{ctx.meter.tokens:,}", loss=f"{ctx.last_loss:.4f}", tps=f"{tps:,.0f}")
 
-    try:
-        with progress:
-            from hmst_bench.train.loop import train as train_fn
+    from hmst_bench.train.loop import train as train_fn
 
-            info = train_fn(settings, progress=update, announce=lambda m: err.print(f"[dim]{m}[/]"))
+    try:
+        info = train_fn(settings, progress=update, announce=lambda m: err.print(f"[dim]{m}[/]"))
     except (TrainError, TrainingDiverged) as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     print_summary(info, settings.out)
     if info["status"] == "interrupted":
         err.print(f"[yellow]interrupted[/] by {info.get('interrupted_by')} at step {info['steps']}; "

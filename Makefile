@@ -1,0 +1,34 @@
+# hmst-bench: `make demo` trains a dense baseline for about two minutes; `make test` runs the tests.
+# Both build .venv first, idempotently: torch (the CPU wheel pinned below) before anything that
+# depends on it, then the core, the baselines and every plugins/* distribution in editable mode.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+STAMP  := $(VENV)/.installed
+SHARED_DATA ?= $(abspath ../shared/data)
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml baselines/pyproject.toml $(wildcard plugins/*/pyproject.toml) Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]" -e baselines $(addprefix -e ,$(PLUGIN_DIRS))
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/hmst-bench demo
+
+test: $(STAMP)
+	HMST_BENCH_SHARED_DATA="$(SHARED_DATA)" $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

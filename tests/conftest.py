@@ -1,0 +1,48 @@
+"""Shared fixtures. Every test runs with its own HMST_BENCH_HOME under one session-wide cache
+folder, so tokenizers and token arrays are built once per test session, never in ~/.cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("HMST_BENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def bench_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hmst-bench-home")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(bench_home, monkeypatch):
+    monkeypatch.setenv("HMST_BENCH_HOME", str(bench_home))
+    monkeypatch.delenv("HMST_BENCH_PLUGINS", raising=False)
+    monkeypatch.delenv("HMST_BENCH_STRICT", raising=False)
+
+
+@pytest.fixture
+def fresh_registry():
+    """Install an empty Registry for the test; restore the previous one afterwards."""
+    from hmst_bench.plugins import Registry, use_registry
+
+    registry = Registry(strict=False)
+    previous = use_registry(registry)
+    yield registry
+    use_registry(previous)
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `hmst-bench ARGS` in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hmst_bench.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hmst-bench {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
