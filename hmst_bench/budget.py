@@ -38,7 +38,10 @@ class Budget:
     def steps_for(self, flops_per_step: float, tokens_per_step: int) -> int:
         """Optimizer steps until achieved >= budget (the first step at or past it is the last)."""
         per_step = flops_per_step if self.kind == "flops" else tokens_per_step
-        return max(1, math.ceil(self.amount / per_step - 1e-12))
+        n = max(1, math.ceil(self.amount / per_step))
+        while n > 1 and (n - 1) * per_step >= self.amount:  # undo a division that rounded up
+            n -= 1
+        return n
 
     def reached(self, flops: float, tokens: int) -> bool:
         return (flops if self.kind == "flops" else tokens) >= self.amount

@@ -138,8 +138,8 @@ def _recorded_arch(out: Path | None) -> str | None:
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/<arch>-<size>-<budget>-s<seed>-<time>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its last checkpoint left it.")
 @click.option("--seed", type=int, help="Seed for initialisation and data order [default: 0].")
-@click.option("--save-every", type=click.IntRange(min=0), default=250, show_default=True, help="Checkpoint every N steps (0: only at the end).")
-@click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Validate every N steps [default: about ten times per run].")
+@click.option("--save-every", type=click.IntRange(min=0), help="Checkpoint every N steps; 0: only at the end [default: 250].")
+@click.option("--eval-every", type=click.IntRange(min=0), help="Validate every N steps [default: about ten times per run].")
 @click.option("--seq-len", type=click.IntRange(min=1), help="Training context length [default: the size's window].")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-batch per process [default: 8].")
 @click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per optimiser step [default: 1].")
@@ -200,7 +200,7 @@ def run_training(settings) -> dict:
     from hmst_bench.train.loop import train as train_fn
 
     try:
-        info = train_fn(settings, progress=update, announce=lambda m: err.print(f"[dim]{m}[/]"))
+        info = train_fn(settings, progress=update)
     except (TrainError, TrainingDiverged) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -208,9 +208,11 @@ def run_training(settings) -> dict:
             progress.stop()
     print_summary(info, settings.out)
     if info["status"] == "interrupted":
+        import signal
+
         err.print(f"[yellow]interrupted[/] by {info.get('interrupted_by')} at step {info['steps']}; "
                   f"continue with: hmst-bench train --resume --out {settings.out}")
-        sys.exit(130)
+        sys.exit(128 + signal.Signals[info["interrupted_by"]].value)
     return info
 
 

@@ -173,7 +173,7 @@ class Registry:
         if name in self._conflicts:
             raise ArchitectureNotFound(self._conflicts[name])
         if name not in self._archs:
-            known = ", ".join(self._archs) or "none (install a plugin, e.g. `pip install -e baselines`)"
+            known = ", ".join(sorted(self._archs)) or "none (install a plugin, e.g. `pip install -e baselines`)"
             raise ArchitectureNotFound(f"unknown architecture {name!r}; known: {known}")
         return self._archs[name]
 

@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def home() -> Path:
     """`$HMST_BENCH_HOME`, default `~/.cache/hmst-bench` (benchmark store and corpus caches)."""
     return Path(os.environ.get("HMST_BENCH_HOME") or Path.home() / ".cache" / "hmst-bench")
@@ -26,6 +32,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; files we publish follow the umask
     try:
         yield Path(tmp)
         with open(tmp, "rb") as fh:
@@ -72,6 +79,7 @@ def atomic_dir(path: os.PathLike | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old")

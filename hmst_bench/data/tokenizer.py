@@ -18,7 +18,6 @@ from hmst_bench.util import atomic_save, home
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_TRAIN_CHARS = 40_000_000  # enough text for a stable merge table; bounds training time
 
 

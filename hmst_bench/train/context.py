@@ -184,6 +184,8 @@ class TrainContext:
         saved = torch.load(path / "trainer.pt", weights_only=False)
         self.plan(saved["total_steps"])
         state = ckpt.load_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler)
+        if hasattr(self.model, "load_artifacts"):
+            self.model.load_artifacts(self.run_dir)
         self.step = state["step"]
         self.meter.load_state_dict(state["meter"])
         self.wall_seconds = state["wall_seconds"]
@@ -225,7 +227,7 @@ class TrainContext:
             raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}")
         grad_norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), self.recipe.grad_clip)
         grad_norm = float(grad_norm)
-        if not math.isfinite(grad_norm):
+        if not math.isfinite(grad_norm) and self.recipe.mixed_precision != "fp16":  # fp16: the scaler skips it
             raise TrainingDiverged(f"gradient norm became {grad_norm} at step {self.step + 1}")
         self.optimizer.step()
         if self.scheduler is not None:
@@ -239,7 +241,7 @@ class TrainContext:
         self.meter.add(flops, tokens)
         self.step += 1
         self.last_loss = loss
-        self.last_aux = {**{k: v for k, v in self.last_aux.items() if k == "grad_norm"}, **aux}
+        self.last_aux = {**{k: v for k, v in self.last_aux.items() if k == "grad_norm"}, **{k: float(v) for k, v in aux.items()}}
         t_prev, tok_prev = self._window
         now = time.time()
         last = self.should_stop

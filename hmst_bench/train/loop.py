@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 from hmst_bench.arch import ConfigError, config_from_dict, config_hash, config_to_dict
 from hmst_bench.budget import BudgetMeter, parse_budget
 from hmst_bench.train import rundir
+from hmst_bench.train.checkpoint import state_path
 from hmst_bench.train.context import LossModule, Recipe, TrainContext, TrainingDiverged, make_optimizer
 
 DEFAULTS = {"size": "tiny", "corpus": "stdlib-code"}
@@ -54,9 +55,9 @@ class TrainSettings:
     lr: Optional[float] = None
     warmup: Optional[int] = None
     mixed_precision: Optional[str] = None
-    # bookkeeping (may change on resume)
-    save_every: int = 250
-    eval_every: int = 0  # 0: about ten validations per run
+    # bookkeeping (None: default, or with --resume the recorded value; may be changed on resume)
+    save_every: Optional[int] = None  # default 250; 0: only at the end
+    eval_every: Optional[int] = None  # default 0: about ten validations per run
     log_every: int = 10
     val_tokens: int = 32768
 
@@ -126,6 +127,12 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
     recipe = Recipe(**recipe_values)
     if recipe.seq_len != config.max_seq_len:
         config = _replace(config, max_seq_len=recipe.seq_len)
+    if recorded is not None:  # refuse a changed config before any corpus or tokenizer work
+        same_vocab = _replace(config, vocab_size=recorded["config"]["vocab_size"])
+        if config_hash(same_vocab) != recorded.get("config_hash"):
+            raise TrainError(f"{out} was trained with config {recorded.get('config_hash')}, not {config_hash(same_vocab)}; "
+                             "resume with the same --size and --set values")
+
     for name in ("batch_size", "seq_len", "grad_accum"):
         if getattr(recipe, name) <= 0:
             raise TrainError(f"{RECIPE_FLAGS[name]} must be positive")
@@ -137,8 +144,8 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
 def _replace(config, **changes):
     try:
         return dataclasses.replace(config, **changes)
-    except ConfigError as exc:
-        raise TrainError(str(exc)) from None
+    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError; plugins may raise either
+        raise TrainError(f"{type(config).__name__}: {exc}") from None
 
 
 def _prepare_out(out: Path, resume: bool) -> None:
@@ -184,6 +191,11 @@ def shared_loop(ctx: TrainContext) -> None:
     else:
         fps = ctx.probe_flops(ctx.batches(0))
         ctx.meter.flops_per_step = fps
+        if fps <= 0 and ctx.budget.kind == "flops":
+            raise TrainError(
+                f"{ctx.spec.name}: the FLOP counter saw no work in a training step; the model must declare "
+                "the cost of ops the counter cannot see with extra_flops(batch), or train with a token budget"
+            )
         if ctx.budget.kind == "flops" and ctx.budget.amount < fps:
             raise TrainError(
                 f"budget {ctx.budget.text} is below one training step ({fps:.3g} FLOPs at batch "
@@ -194,8 +206,7 @@ def shared_loop(ctx: TrainContext) -> None:
         ctx.train_step()
 
 
-def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]] = None,
-          announce: Optional[Callable[[str], None]] = None) -> dict:
+def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]] = None) -> dict:
     """Run (or resume) training; returns run.json's content. Raises TrainError / TrainingDiverged."""
     import torch
     from accelerate import Accelerator
@@ -206,7 +217,6 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     from hmst_bench.data.tokens import encode_corpus
     from hmst_bench.plugins import get_registry
 
-    announce = announce or (lambda msg: None)
     if settings.out is None:
         raise TrainError("--out is required")
     out = Path(settings.out)
@@ -219,10 +229,13 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
 
     try:
         corpus = load_corpus(choices["corpus"])
-        announce(f"corpus {choices['corpus']}: reading and splitting")
         corpus.split  # noqa: B018 - read now, so a bad corpus fails before any model is built
     except CorpusError as exc:
         raise TrainError(str(exc)) from None
+    if recorded is not None and recorded.get("corpus", {}).get("fingerprint") != corpus.fingerprint:
+        raise TrainError(f"the corpus {choices['corpus']} has changed since {out} was trained "
+                         f"(fingerprint {corpus.fingerprint}, was {recorded.get('corpus', {}).get('fingerprint')}); "
+                         "an exact resume needs the same text")
     tok, tok_info = _tokenizer(settings, choices, config, corpus, recorded)
     config = _replace(config, vocab_size=len(tok))
     chash = config_hash(config)
@@ -242,16 +255,24 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     optimizer = make_optimizer(model, recipe)
     wrapped, optimizer = accelerator.prepare(LossModule(model), optimizer)
     meter = BudgetMeter(budget, world_size=accelerator.num_processes)
+    if recorded is not None and recorded.get("training", {}).get("world_size") != accelerator.num_processes:
+        raise TrainError(f"{out} was trained on {recorded['training'].get('world_size')} process(es), this resume "
+                         f"has {accelerator.num_processes}; launch it the same way")
 
+    kept = (recorded or {}).get("training", {})
+    save_every = settings.save_every if settings.save_every is not None else kept.get("save_every", 250)
+    eval_every = settings.eval_every if settings.eval_every is not None else kept.get("eval_every", 0)
     ctx = TrainContext(
         spec=spec, config=config, model=model, wrapped=wrapped, optimizer=optimizer, accelerator=accelerator,
         tokenizer=tok, data=data, recipe=recipe, budget=budget, meter=meter, run_dir=out,
-        byte_lengths=token_byte_lengths(tok), stage=choices["stage"], resuming=settings.resume,
-        save_every=settings.save_every, eval_every=settings.eval_every, log_every=max(1, settings.log_every), val_tokens=settings.val_tokens,
+        byte_lengths=token_byte_lengths(tok), stage=choices["stage"], resuming=settings.resume and state_path(out) is not None,
+        save_every=save_every, eval_every=eval_every, log_every=max(1, settings.log_every), val_tokens=settings.val_tokens,
         on_progress=progress or (lambda ctx: None),
     )
     if accelerator.is_main_process and recorded is None:
         save_tokenizer(tok, out)
+    if recorded is not None and not ctx.resuming:  # killed before its first checkpoint: start over
+        rundir.MetricsLog(out).truncate_after(0)
 
     info = dict(recorded or {})
     info.update({
@@ -264,13 +285,16 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
         "params_total": params_total, "params_active": params_active,
         "corpus_spec": choices["corpus"],
         "corpus": {**corpus.describe(), **({"python": python_tag()} if choices["corpus"] == "stdlib-code" else {})},
-        "tokenizer": tok_info, "training": {**recipe.as_dict(), "world_size": accelerator.num_processes},
+        "tokenizer": tok_info, "training": {**recipe.as_dict(), "world_size": accelerator.num_processes,
+                     "save_every": save_every, "eval_every": eval_every},
         "versions": rundir.versions((spec.distribution,) if spec.distribution else ()),
         "git_sha": rundir.git_sha(), "hardware": rundir.hardware(),
     })
     info.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def record(status: str, **extra) -> dict:
+        for stale in ("error", "interrupted_by"):  # from an earlier session of a resumed run
+            info.pop(stale, None)
         tps = ctx.tokens_per_step
         fps = meter.flops_per_step
         info.update({
@@ -303,7 +327,7 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
         kept = ckpt_step(out)
         raise TrainingDiverged(
             f"{exc}; " + (f"the last good checkpoint (step {kept}) is kept in {out}/state" if kept is not None else "no checkpoint was written")
-            + "; lower --lr or --set a smaller init"
+            + "; start a new run with a lower --lr"
         ) from None
     finally:
         _restore_signal_handlers(handlers)

@@ -1,0 +1,152 @@
+"""The dense baselines meet the model contract exactly (log-probs, causality, generation with a
+KV cache equal to cache-free decoding, cropping) and their saved copies load in transformers and
+in lm-eval's HFLM with identical numbers."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from hmst_bench.data.corpora import load_corpus
+from hmst_bench.data.tokenizer import save_tokenizer, train_tokenizer
+from hmst_bench.plugins import get_registry
+from hmst_bench.train.rundir import load_weights, save_weights
+
+ARCHS = ["dense-llama", "dense-gpt2"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    corpus = load_corpus("synthetic-facts")
+    return train_tokenizer(corpus.split["train"], 512, cache_key=corpus.fingerprint)
+
+
+def build(arch, tok, **overrides):
+    spec = get_registry().arch(arch)
+    cfg = dataclasses.replace(spec.make_config("micro", {"max_seq_len": 32, **overrides}), vocab_size=len(tok))
+    torch.manual_seed(0)
+    model = spec.build(cfg, tok).eval()
+    with torch.no_grad():  # larger random weights make the distributions far from uniform
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def ids(*rows):
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logprobs_are_exact_and_normalised(arch, tok):
+    model = build(arch, tok)
+    x = torch.randint(3, len(tok), (2, 20), generator=torch.Generator().manual_seed(1))
+    targets = torch.roll(x, -1, dims=1)
+    with torch.no_grad():
+        ref = torch.log_softmax(model.hf(input_ids=x).logits.double(), -1)
+        lp = model.token_logprobs(x, targets)
+        nxt = model.next_token_logprobs(x)
+    assert torch.allclose(lp.double(), ref.gather(-1, targets[..., None])[..., 0], atol=1e-5)
+    assert torch.allclose(nxt.double(), ref[:, -1], atol=1e-5)
+    assert torch.allclose(torch.logsumexp(nxt.double(), -1), torch.zeros(2, dtype=torch.double), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_causality(arch, tok):
+    model = build(arch, tok)
+    x = torch.randint(3, len(tok), (1, 24), generator=torch.Generator().manual_seed(2))
+    y = x.clone()
+    j = 15
+    y[0, j] = (x[0, j] + 1) % len(tok)
+    t = torch.roll(x, -1, 1)
+    with torch.no_grad():
+        a, b = model.token_logprobs(x, t), model.token_logprobs(y, t)
+    assert torch.equal(a[:, :j], b[:, :j])
+    assert not torch.equal(a[:, j:], b[:, j:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_matches_token_logprobs(arch, tok):
+    model = build(arch, tok)
+    x = torch.randint(3, len(tok), (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = torch.roll(x, -1, 1)
+    labels[0, :5] = -100
+    loss, aux = model.loss({"input_ids": x, "labels": labels})
+    lp = model.token_logprobs(x, labels)
+    assert torch.allclose(loss, -lp[labels != -100].mean(), atol=1e-5)
+    assert aux == {}
+
+
+def cache_free_greedy(model, prompt, n):
+    seq = prompt.clone()
+    out = []
+    for _ in range(n):
+        t = model.next_token_logprobs(seq).argmax(-1)
+        out.append(int(t[0]))
+        seq = torch.cat([seq, t[:, None]], 1)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("prompt_len, new", [(5, 10), (20, 30), (40, 6)])  # inside, across and beyond the window
+def test_cached_greedy_equals_cache_free_and_crops(arch, prompt_len, new, tok):
+    model = build(arch, tok)
+    prompt = torch.randint(3, len(tok), (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.no_grad():
+        got = model.generate(prompt, max_new_tokens=new)[0]
+        want = cache_free_greedy(model, prompt, new)
+    assert got == want and len(got) == new
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampling_stop_and_top_p(arch, tok):
+    model = build(arch, tok)
+    prompt = ids([5, 6, 7, 8])
+    with torch.no_grad():
+        greedy = model.generate(prompt, 8)[0]
+        a = model.generate(prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        b = model.generate(prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        tiny_p = model.generate(prompt, 8, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(5))
+        stopped = model.generate(prompt, 8, stop=[greedy[2]])[0]
+        stopped_seq = model.generate(prompt, 8, stop=[greedy[1:3]])[0]
+    assert a == b
+    assert tiny_p[0] == greedy  # nucleus of one token is greedy
+    assert stopped == greedy[: greedy.index(greedy[2])]
+    first = next(i for i in range(len(greedy)) if greedy[i : i + 2] == greedy[1:3])
+    assert stopped_seq == greedy[:first]  # the stop sequence itself is removed
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_and_hf_copy(arch, tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build(arch, tok)
+    save_weights(tmp_path, model, {"note": "test"})
+    model.save_artifacts(tmp_path)
+    save_tokenizer(tok, tmp_path)
+    again = build(arch, tok)
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    load_weights(again, tmp_path / "model.safetensors")
+    x = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(4))
+    t = torch.roll(x, -1, 1)
+    with torch.no_grad():
+        assert torch.equal(model.token_logprobs(x, t), again.token_logprobs(x, t))
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        assert torch.allclose(hf(input_ids=x).logits, model.hf(input_ids=x).logits, atol=1e-6)
+
+
+def test_lm_eval_hflm_scores_the_saved_copy_identically(tok, tmp_path):
+    from lm_eval.models.huggingface import HFLM
+
+    model = build("dense-llama", tok)
+    model.save_artifacts(tmp_path)
+    lm = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=1, max_length=32)
+    ctx = tok.encode("Githstin Datoth was born in", add_special_tokens=False)
+    cont = tok.encode(" Vyndum in 1821.", add_special_tokens=False)
+    (ll, _), = lm._loglikelihood_tokens([(("c", "x"), ctx, cont)], disable_tqdm=True)
+    seq = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        lp = model.token_logprobs(seq[:, :-1], seq[:, 1:])
+    ours = float(lp[0, len(ctx) - 1 :].sum())
+    assert ll == pytest.approx(ours, abs=1e-4)

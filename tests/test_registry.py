@@ -1,0 +1,186 @@
+"""The plugin registry in-process: registration, isolation of failures, duplicates, strict mode,
+config dataclass rules, and that start-up stays free of torch."""
+
+import dataclasses
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from hmst_bench import ArchSpec, ConfigError, SuiteSpec, hookimpl
+from hmst_bench.arch import config_from_dict, config_hash, config_to_dict, parse_override
+from hmst_bench.plugins import ArchitectureNotFound, PluginLoadError, Registry
+
+
+@dataclass
+class ToyConfig:
+    vocab_size: int = 100
+    max_seq_len: int = 16
+    width: int = 8
+    heads: int = 2
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ConfigError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        self.head_dim = self.width // self.heads
+
+
+def toy_spec(name="toy"):
+    return ArchSpec(name=name, description="a toy", config_cls=ToyConfig, sizes={"micro": {"width": 8}}, build=lambda c, t: None)
+
+
+class GoodPlugin:
+    @hookimpl
+    def register_architectures(self, register):
+        register(toy_spec())
+
+    @hookimpl
+    def register_suites(self, register):
+        register(SuiteSpec(name="toysuite", description="a toy suite", tasks=("toy_task",)))
+
+
+class RaisingPlugin:
+    @hookimpl
+    def register_architectures(self, register):
+        register(toy_spec("half-registered"))
+        raise RuntimeError("boom while registering")
+
+
+class TypoPlugin:
+    @hookimpl
+    def register_architecturez(self, register):  # not a hook: pluggy's check_pending rejects it
+        pass
+
+
+class WrongTypePlugin:
+    @hookimpl
+    def register_architectures(self, register):
+        register("not a spec")
+
+
+def test_good_plugin_registers_archs_and_suites():
+    reg = Registry(strict=False)
+    assert reg.add_plugin(GoodPlugin(), name="good", distribution="good-dist", version="1.0")
+    assert list(reg.architectures()) == ["toy"]
+    assert reg.arch("toy").distribution == "good-dist"
+    assert list(reg.suites()) == ["toysuite"]
+    rec = reg.plugins["good"]
+    assert rec.hooks == ["register_architectures", "register_suites"]
+    assert rec.architectures == ["toy"] and rec.suites == ["toysuite"]
+
+
+@pytest.mark.parametrize(
+    "plugin, needle",
+    [(RaisingPlugin(), "RuntimeError: boom"), (TypoPlugin(), "register_architecturez"), (WrongTypePlugin(), "ArchSpec")],
+)
+def test_failing_plugin_is_recorded_and_leaves_nothing_behind(plugin, needle):
+    reg = Registry(strict=False)
+    reg.add_plugin(GoodPlugin(), name="good")
+    assert not reg.add_plugin(plugin, name="bad", distribution="bad-dist")
+    assert [f.name for f in reg.failures] == ["bad"]
+    assert needle in reg.failures[0].error and reg.failures[0].distribution == "bad-dist"
+    assert list(reg.architectures()) == ["toy"]  # nothing half-registered survives
+    assert "bad" not in reg.plugins and not reg.pm.has_plugin("bad")
+
+
+def test_strict_mode_raises_on_first_failure():
+    reg = Registry(strict=True)
+    with pytest.raises(PluginLoadError, match="bad.*boom"):
+        reg.add_plugin(RaisingPlugin(), name="bad")
+
+
+def test_duplicate_arch_names_both_distributions_and_is_unusable():
+    reg = Registry(strict=False)
+    reg.add_plugin(GoodPlugin(), name="a", distribution="dist-a")
+
+    class Again:
+        @hookimpl
+        def register_architectures(self, register):
+            register(toy_spec())
+
+    reg.add_plugin(Again(), name="b", distribution="dist-b")
+    with pytest.raises(ArchitectureNotFound, match="dist-a and dist-b"):
+        reg.arch("toy")
+    assert any("dist-a and dist-b" in f.error for f in reg.failures)
+    assert "toy" not in reg.architectures()
+
+
+def test_unknown_arch_lists_known_ones():
+    reg = Registry(strict=False)
+    reg.add_plugin(GoodPlugin(), name="good")
+    with pytest.raises(ArchitectureNotFound, match="unknown architecture 'nope'; known: toy"):
+        reg.arch("nope")
+
+
+def test_installed_baselines_load_through_entry_points():
+    reg = Registry(strict=True).load_entry_points()
+    assert {"dense-llama", "dense-gpt2"} <= set(reg.architectures())
+    assert reg.arch("dense-llama").distribution == "hmst-bench-baselines"
+
+
+def test_env_selects_plugins(monkeypatch):
+    monkeypatch.setenv("HMST_BENCH_PLUGINS", "no-such-plugin")
+    reg = Registry().load_entry_points()
+    assert reg.architectures() == {}
+
+
+# ----------------------------------------------------------------------------- the config contract
+
+
+def test_spec_rejects_config_without_required_fields():
+    @dataclass
+    class NoWindow:
+        vocab_size: int = 10
+
+    with pytest.raises(TypeError, match="max_seq_len"):
+        ArchSpec(name="x", description="", config_cls=NoWindow, sizes={"micro": {}}, build=lambda c, t: None)
+    with pytest.raises(ValueError, match="unknown size"):
+        ArchSpec(name="x", description="", config_cls=ToyConfig, sizes={"huge": {}}, build=lambda c, t: None)
+
+
+def test_derived_fields_are_recomputed_and_validated():
+    spec = toy_spec()
+    cfg = spec.make_config("micro", {"width": 12, "heads": 3})
+    assert cfg.head_dim == 4
+    assert dataclasses.replace(cfg, width=24).head_dim == 8  # replace re-derives
+    with pytest.raises(ConfigError, match="divisible"):
+        spec.make_config("micro", {"width": 10, "heads": 3})
+    with pytest.raises(ConfigError, match="no size 'base'"):
+        spec.make_config("base")
+    with pytest.raises(ConfigError, match="no field 'depth'"):
+        spec.make_config("micro", {"depth": 3})
+
+
+def test_config_round_trip_and_hash():
+    cfg = toy_spec().make_config("micro")
+    d = config_to_dict(cfg)
+    assert d["head_dim"] == 4  # derived fields are recorded...
+    assert config_from_dict(ToyConfig, d) == cfg  # ...and recomputed, not passed, on load
+    with pytest.raises(ConfigError, match="derived"):
+        config_from_dict(ToyConfig, {**d, "head_dim": 5})
+    assert config_hash(cfg) == config_hash(config_from_dict(ToyConfig, d))
+    assert config_hash(cfg) != config_hash(dataclasses.replace(cfg, width=16))
+
+
+def test_parse_override_types():
+    assert parse_override("width=16", ToyConfig) == ("width", 16)
+    with pytest.raises(ConfigError, match="no field"):
+        parse_override("nope=1", ToyConfig)
+    with pytest.raises(ConfigError, match="FIELD=VALUE"):
+        parse_override("width", ToyConfig)
+
+
+def test_cli_start_does_not_import_torch():
+    code = (
+        "import sys; sys.argv=['hmst-bench','--help']\n"
+        "from hmst_bench.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "from hmst_bench.plugins import get_registry\n"
+        "assert get_registry().architectures(), 'plugins should be loaded'\n"
+        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'lm_eval') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
