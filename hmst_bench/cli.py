@@ -35,6 +35,13 @@ def _emit_json(obj) -> None:
     click.echo(dumps(obj))
 
 
+def _is_main_process() -> bool:
+    """False on the non-zero ranks of a data-parallel launch: only rank 0 prints."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hmst-bench")
 @click.option("--strict", is_flag=True, envvar="HMST_BENCH_STRICT", help="Fail if any plugin fails to load (also HMST_BENCH_STRICT=1).")
@@ -172,7 +179,7 @@ def train(arch, budget, size, corpus, out, resume, seed, save_every, eval_every,
         save_every=save_every, eval_every=eval_every,
     )
     info = run_training(settings)
-    if as_json:
+    if as_json and _is_main_process():
         _emit_json(info)
 
 
@@ -190,7 +197,11 @@ def run_training(settings) -> dict:
     )
     task = progress.add_task("train", total=1.0, tokens="0", loss="-", tps="-")
 
+    main_process = _is_main_process()
+
     def update(ctx) -> None:
+        if not main_process:
+            return
         if not progress.live.is_started:  # shown from the first step on, so early errors stay one line
             progress.update(task, description=f"{ctx.spec.name} {ctx.stage or ''}".strip())
             progress.start()
@@ -206,7 +217,8 @@ def run_training(settings) -> dict:
     finally:
         if progress.live.is_started:
             progress.stop()
-    print_summary(info, settings.out)
+    if main_process:
+        print_summary(info, settings.out)
     if info["status"] == "interrupted":
         import signal
 
@@ -255,7 +267,7 @@ def demo(out, budget, as_json) -> None:
     out = out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     err.print(f"[bold]hmst-bench demo[/]: dense-llama tiny, budget {budget} FLOPs, corpus stdlib-code -> {out}")
     info = run_training(TrainSettings(arch="dense-llama", size="tiny", budget=budget, corpus="stdlib-code", out=out))
-    if as_json:
+    if as_json and _is_main_process():
         _emit_json(info)
 
 
