@@ -251,3 +251,25 @@ def test_demo_command(tmp_path):
     assert info["arch"] == "dense-llama" and info["size"] == "tiny" and info["status"] == "complete"
     assert info["corpus"]["name"] == "stdlib-code"
     assert "val loss" in proc.stderr
+
+
+def test_model_missing_part_of_the_contract_is_refused(fresh_registry, tmp_path):
+    import torch
+
+    from hmst_bench import ArchSpec, hookimpl
+    from hmst_bench.train.loop import TrainError, TrainSettings, train
+
+    class Plugin:
+        @hookimpl
+        def register_architectures(self, register):
+            register(ArchSpec(name="half-model", description="no contract", config_cls=NanConfig,
+                              sizes={"micro": {}}, build=lambda c, t: torch.nn.Linear(2, 2)))
+
+    fresh_registry.add_plugin(Plugin(), name="half", distribution="half-dist")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    settings = TrainSettings(arch="half-model", size="micro", budget="1e9", corpus=str(corpus), out=tmp_path / "R",
+                             overrides={"vocab_size": 300})
+    with pytest.raises(TrainError, match=r"half-model \(half-dist\) builds a model without loss, token_logprobs, "
+                                         r"next_token_logprobs, generate, max_seq_len"):
+        train(settings)

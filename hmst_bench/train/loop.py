@@ -174,6 +174,20 @@ def _tokenizer(settings: TrainSettings, choices: dict, config, corpus, recorded)
                  "pad_id": tok.pad_token_id, "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id}
 
 
+def _check_contract(spec, model) -> None:
+    """Refuse, in one line, a plugin whose model misses part of the contract (arch.LanguageModel)."""
+    import torch
+
+    missing = [m for m in ("loss", "token_logprobs", "next_token_logprobs", "generate") if not callable(getattr(model, m, None))]
+    if not isinstance(model, torch.nn.Module):
+        missing.insert(0, "torch.nn.Module base class")
+    if not isinstance(getattr(model, "max_seq_len", None), int):
+        missing.append("max_seq_len")
+    if missing:
+        raise TrainError(f"{spec.name} ({spec.distribution or 'plugin'}) builds a model without {', '.join(missing)}; "
+                         "see docs/plugin-guide.md")
+
+
 def count_params(model) -> tuple[int, int]:
     seen, total = set(), 0
     for p in model.parameters():
@@ -250,6 +264,7 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
     torch.manual_seed(recipe.seed)
     model = spec.build(config, tok)
+    _check_contract(spec, model)
     model.train()
     params_total, params_active = count_params(model)
     optimizer = make_optimizer(model, recipe)
