@@ -273,3 +273,12 @@ def test_model_missing_part_of_the_contract_is_refused(fresh_registry, tmp_path)
     with pytest.raises(TrainError, match=r"half-model \(half-dist\) builds a model without loss, token_logprobs, "
                                          r"next_token_logprobs, generate, max_seq_len"):
         train(settings)
+
+
+def test_accumulation_and_mixed_precision(tmp_path):
+    info = json.loads(run_cli("train", *MICRO, "--budget", "1e10", "--grad-accum", "2", "--mixed-precision", "bf16",
+                              "--out", str(tmp_path / "acc"), "--json").stdout)
+    assert info["status"] == "complete"
+    assert info["tokens"] == info["steps"] * 2 * 8 * 128  # two micro-batches per optimiser step
+    assert info["training"]["mixed_precision"] == "bf16" and info["training"]["grad_accum"] == 2
+    assert info["val_loss"] < 8.0  # finite and learning from ln(2048) = 7.62 at most a little above
