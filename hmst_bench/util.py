@@ -32,9 +32,9 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; files we publish follow the umask
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600, and some savers recreate the file
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -82,6 +82,9 @@ def atomic_dir(path: os.PathLike | str) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        for file in tmp.rglob("*"):  # library savers (safetensors) may create files as 0600
+            if file.is_file():
+                os.chmod(file, 0o666 & ~_umask())
         old = path.with_name(f".{path.name}.old")
         if old.exists():
             shutil.rmtree(old)

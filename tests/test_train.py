@@ -42,8 +42,13 @@ def test_run_json_meets_the_budget_rule(micro_run):
     assert info["params_total"] == info["params_active"] > 0
     assert info["versions"]["torch"] and info["versions"]["hmst-bench"]
     assert json.loads((out / "run.json").read_text()) == info
-    for name in ("metrics.jsonl", "tokenizer.json", "model.safetensors", "model_config.json", "state/trainer.pt", "hf/config.json"):
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("metrics.jsonl", "tokenizer.json", "model.safetensors", "model_config.json", "state/trainer.pt",
+                 "state/model.safetensors", "run.json", "hf/config.json"):
         assert (out / name).exists(), name
+        if name != "metrics.jsonl":  # written atomically: the mode must still follow the umask
+            assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
 
 def test_flops_per_step_is_measured_not_assumed(micro_run):
