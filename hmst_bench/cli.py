@@ -146,7 +146,7 @@ def _recorded_arch(out: Path | None) -> str | None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its last checkpoint left it.")
 @click.option("--seed", type=int, help="Seed for initialisation and data order [default: 0].")
 @click.option("--save-every", type=click.IntRange(min=0), help="Checkpoint every N steps; 0: only at the end [default: 250].")
-@click.option("--eval-every", type=click.IntRange(min=0), help="Validate every N steps [default: about ten times per run].")
+@click.option("--eval-every", type=click.IntRange(min=0), help="Validate every N steps [default: about five times per run].")
 @click.option("--seq-len", type=click.IntRange(min=1), help="Training context length [default: the size's window].")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-batch per process [default: 8].")
 @click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per optimiser step [default: 1].")

@@ -169,8 +169,8 @@ class TrainContext:
 
     def plan(self, total_steps: int) -> None:
         self.total_steps = int(total_steps)
-        if self.eval_every <= 0:  # auto: about ten validations per run
-            self.eval_every = max(1, self.total_steps // 10)
+        if self.eval_every <= 0:  # auto: about five validations per run (validation is not free)
+            self.eval_every = max(1, self.total_steps // 5)
         warmup = self.recipe.warmup if self.recipe.warmup is not None else max(1, round(0.05 * total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, warmup, self.recipe.min_lr_ratio)

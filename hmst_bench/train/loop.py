@@ -57,7 +57,7 @@ class TrainSettings:
     mixed_precision: Optional[str] = None
     # bookkeeping (None: default, or with --resume the recorded value; may be changed on resume)
     save_every: Optional[int] = None  # default 250; 0: only at the end
-    eval_every: Optional[int] = None  # default 0: about ten validations per run
+    eval_every: Optional[int] = None  # default 0: about five validations per run
     log_every: int = 10
     val_tokens: int = 32768
 
