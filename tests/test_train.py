@@ -287,3 +287,110 @@ def test_accumulation_and_mixed_precision(tmp_path):
     assert info["tokens"] == info["steps"] * 2 * 8 * 128  # two micro-batches per optimiser step
     assert info["training"]["mixed_precision"] == "bf16" and info["training"]["grad_accum"] == 2
     assert info["val_loss"] < 8.0  # finite and learning from ln(2048) = 7.62 at most a little above
+
+
+# ----------------------------------------------------------------------------- staged architectures
+
+
+@dataclass
+class StagedConfig:
+    vocab_size: int = 64
+    max_seq_len: int = 16
+    memory: bool = False  # stage 2 switches on a module stage 1 did not have
+
+
+def _build_staged(config, tokenizer):
+    import torch
+
+    from hmst_bench.modeling import SoftmaxLM
+
+    class Staged(SoftmaxLM):
+        def __init__(self):
+            super().__init__()
+            self.max_seq_len = config.max_seq_len
+            self.embed = torch.nn.Embedding(config.vocab_size, 16)
+            self.head = torch.nn.Linear(16, config.vocab_size)
+            self.memory = torch.nn.Linear(16, 16) if config.memory else None
+
+        def logits(self, input_ids):
+            h = self.embed(input_ids)
+            if self.memory is not None:
+                h = h + self.memory(h)
+            return self.head(h)
+
+    return Staged()
+
+
+def test_a_later_stage_continues_the_run_with_its_own_budget_record(fresh_registry, tmp_path):
+    from safetensors.torch import load_file
+
+    from hmst_bench import ArchSpec, hookimpl, load_run
+    from hmst_bench.train.loop import TrainError, TrainSettings, train
+
+    class Plugin:
+        @hookimpl
+        def register_architectures(self, register):
+            register(ArchSpec(name="staged", description="two stages", config_cls=StagedConfig,
+                              sizes={"micro": {"vocab_size": 300}}, build=_build_staged, stages=("1", "2")))
+
+    fresh_registry.add_plugin(Plugin(), name="staged")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    out = tmp_path / "R"
+    first = train(TrainSettings(arch="staged", size="micro", budget="4e7", corpus=str(corpus), out=out, eval_every=1000))
+    assert first["stage"] == "1" and first["status"] == "complete"
+    stage1_weights = load_file(out / "model.safetensors")
+
+    with pytest.raises(TrainError, match="does not come after"):
+        train(TrainSettings(stage="1", budget="4e7", out=out))
+    second = train(TrainSettings(stage="2", budget="6e7", out=out, overrides={"memory": True}, lr=1e-12, eval_every=1000))
+    assert second["stage"] == "2" and second["status"] == "complete" and second["config"]["memory"] is True
+    assert second["stages"]["1"]["achieved_flops"] == first["achieved_flops"]
+    assert second["stages"]["1"]["budget_flops"] == 4e7 and second["budget_flops"] == 6e7
+    assert second["budget_flops"] <= second["achieved_flops"] < second["budget_flops"] + second["flops_per_step"]
+    assert second["flops_per_step"] > first["flops_per_step"]  # the new module costs FLOPs, and they are charged
+    stage2_weights = load_file(out / "model.safetensors")
+    assert torch_allclose(stage2_weights["head.weight"], stage1_weights["head.weight"])  # started from stage 1 (lr ~ 0)
+    assert "memory.weight" in stage2_weights and "memory.weight" not in stage1_weights
+    stages = {r.get("stage") for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert stages == {"1", "2"}
+    run = load_run(out)
+    assert run.model.memory is not None and run.info["stage"] == "2"
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return torch.allclose(a, b, atol=1e-6)
+
+
+def test_interrupted_later_stage_resumes_exactly(fresh_registry, tmp_path):
+    import shutil
+
+    from hmst_bench import ArchSpec, hookimpl
+    from hmst_bench.train.loop import TrainSettings, train
+
+    class Plugin:
+        @hookimpl
+        def register_architectures(self, register):
+            register(ArchSpec(name="staged", description="two stages", config_cls=StagedConfig,
+                              sizes={"micro": {"vocab_size": 300}}, build=_build_staged, stages=("1", "2")))
+
+    fresh_registry.add_plugin(Plugin(), name="staged")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    train(TrainSettings(arch="staged", size="micro", budget="4e7", corpus=str(corpus), out=tmp_path / "A", eval_every=1000))
+    shutil.copytree(tmp_path / "A", tmp_path / "B")
+    stage2 = dict(stage="2", budget="1e8", overrides={"memory": True}, save_every=4, eval_every=1000)
+    full = train(TrainSettings(out=tmp_path / "A", **stage2))
+
+    def interrupt_at_step_6(ctx):
+        if ctx.step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler turns it into a clean stop
+
+    cut = train(TrainSettings(out=tmp_path / "B", **stage2), progress=interrupt_at_step_6)
+    assert cut["status"] == "interrupted" and cut["steps"] == 6
+    resumed = train(TrainSettings(out=tmp_path / "B", resume=True))
+    assert resumed["status"] == "complete" and resumed["stage"] == "2"
+    assert resumed["final_train_loss"] == full["final_train_loss"] and resumed["steps"] == full["steps"]
+    assert resumed["stages"] == full["stages"]

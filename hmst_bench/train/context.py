@@ -193,7 +193,7 @@ class TrainContext:
         self.last_val = state.get("last_val", {})
         self.extra_state = state.get("extra", {})
         self._t0 = time.time()
-        MetricsLog(self.run_dir).truncate_after(self.step)
+        MetricsLog(self.run_dir).truncate_after(self.step, stage=self.stage)
         return self.extra_state
 
     # ------------------------------------------------------------------ stepping
@@ -296,6 +296,7 @@ class TrainContext:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             state = {
+                "stage": self.stage,
                 "step": self.step,
                 "total_steps": self.total_steps,
                 "meter": self.meter.state_dict(),

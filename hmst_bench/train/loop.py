@@ -66,12 +66,14 @@ RECIPE_FLAGS = {"seed": "--seed", "batch_size": "--batch-size", "seq_len": "--se
                 "lr": "--lr", "warmup": "--warmup", "mixed_precision": "--mixed-precision"}
 
 
-def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe, Optional[dict]]:
-    """Returns (spec, run-level choices, config without vocab, recipe, recorded info or None)."""
+def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe, Optional[dict], Optional[dict]]:
+    """Returns (spec, run-level choices, config without vocab, recipe, recorded info when resuming,
+    the finished earlier stage's info when starting the next stage of a staged run)."""
     from hmst_bench.plugins import ArchitectureNotFound
 
     out = Path(settings.out)
     recorded = None
+    previous = None  # a complete earlier stage in --out, continued by this one
     if settings.resume:
         try:
             recorded = rundir.read_info(out)
@@ -83,9 +85,12 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
                 have = recorded.get(key if key != "corpus" else "corpus_spec")
                 raise TrainError(f"{out} was trained with --{key} {have}; resume it with the same value or start a new --out")
     elif (out / rundir.RUN_FILE).exists():
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if settings.stage is None:
+            raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        previous = _previous_stage(out, settings, registry)
 
-    arch = settings.arch or (recorded or {}).get("arch")
+    base = recorded or previous or {}
+    arch = settings.arch or base.get("arch")
     if not arch:
         raise TrainError("--arch is required (see `hmst-bench list archs`)")
     try:
@@ -94,11 +99,13 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
         raise TrainError(str(exc)) from None
     choices = {
         "arch": arch,
-        "size": settings.size or (recorded or {}).get("size") or DEFAULTS["size"],
-        "corpus": settings.corpus or (recorded or {}).get("corpus_spec") or DEFAULTS["corpus"],
+        "size": settings.size or base.get("size") or DEFAULTS["size"],
+        "corpus": settings.corpus or base.get("corpus_spec") or DEFAULTS["corpus"],
         "budget": settings.budget or (recorded or {}).get("budget"),
         "stage": settings.stage or (recorded or {}).get("stage") or (spec.stages[0] if spec.stages else None),
     }
+    if previous is not None and choices["size"] != previous["size"]:
+        raise TrainError(f"{out} was trained at --size {previous['size']}; a later stage keeps the size")
     if not choices["budget"]:
         raise TrainError("--budget is required, e.g. --budget 1e15 (FLOPs) or --budget 20Mtok")
     if spec.stages and choices["stage"] not in spec.stages:
@@ -107,7 +114,9 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
         raise TrainError(f"{arch} trains in a single stage; drop --stage")
 
     try:
-        if recorded is not None and not settings.overrides and settings.size is None:
+        if previous is not None:  # a later stage starts from the earlier stage's config, plus --set
+            config = _replace(config_from_dict(spec.config_cls, previous["config"]), **settings.overrides)
+        elif recorded is not None and not settings.overrides and settings.size is None:
             config = config_from_dict(spec.config_cls, recorded["config"])
         else:
             config = spec.make_config(choices["size"], settings.overrides)
@@ -120,6 +129,8 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
         have = (recorded or {}).get("training", {}).get(name) if recorded else None
         if recorded is not None and given is not None and given != have:
             raise TrainError(f"{out} was trained with {RECIPE_FLAGS[name]} {have}; resume it with the same value or start a new --out")
+        if previous is not None:
+            have = previous.get("training", {}).get(name)  # a later stage inherits, and may change, the recipe
         value = given if given is not None else have
         if value is not None:
             recipe_values[name] = value
@@ -138,7 +149,34 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
             raise TrainError(f"{RECIPE_FLAGS[name]} must be positive")
     if recipe.mixed_precision not in ("no", "bf16", "fp16"):
         raise TrainError("--mixed-precision must be no, bf16 or fp16")
-    return spec, choices, config, recipe, recorded
+    return spec, choices, config, recipe, recorded, previous
+
+
+def _previous_stage(out: Path, settings: TrainSettings, registry) -> dict:
+    """`--stage S --out R` where R holds a complete earlier stage: S continues it in R."""
+    from hmst_bench.plugins import ArchitectureNotFound
+
+    prior = rundir.read_info(out)
+    try:
+        spec = registry.arch(settings.arch or prior["arch"])
+    except ArchitectureNotFound as exc:
+        raise TrainError(str(exc)) from None
+    if spec.name != prior["arch"]:
+        raise TrainError(f"{out} holds a {prior['arch']} run; a later stage must use the same --arch")
+    stages = list(spec.stages)
+    if settings.stage not in stages or prior.get("stage") not in stages:
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if stages.index(settings.stage) <= stages.index(prior["stage"]):
+        raise TrainError(f"{out} is at stage {prior['stage']}; --stage {settings.stage} does not come after it "
+                         f"(stages: {', '.join(stages)}); pass --resume to continue stage {prior['stage']}")
+    if prior.get("status") != "complete":
+        raise TrainError(f"stage {prior['stage']} in {out} is {prior.get('status')}; finish it with --resume first")
+    return prior
+
+
+STAGE_FIELDS = ("stage", "budget", "budget_kind", "budget_flops", "budget_tokens", "achieved_flops", "tokens", "steps",
+                "flops_per_step", "flops_per_token", "planned_steps", "wall_seconds", "final_train_loss", "val_loss",
+                "val_bpb", "config_hash", "corpus_spec", "status")
 
 
 def _replace(config, **changes):
@@ -234,7 +272,8 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     if settings.out is None:
         raise TrainError("--out is required")
     out = Path(settings.out)
-    spec, choices, config, recipe, recorded = _resolve(settings, get_registry())
+    spec, choices, config, recipe, recorded, previous = _resolve(settings, get_registry())
+    base = recorded or previous  # the run.json this session builds on, if any
     try:
         budget = parse_budget(choices["budget"])
     except BudgetError as exc:
@@ -250,7 +289,7 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
         raise TrainError(f"the corpus {choices['corpus']} has changed since {out} was trained "
                          f"(fingerprint {corpus.fingerprint}, was {recorded.get('corpus', {}).get('fingerprint')}); "
                          "an exact resume needs the same text")
-    tok, tok_info = _tokenizer(settings, choices, config, corpus, recorded)
+    tok, tok_info = _tokenizer(settings, choices, config, corpus, base)
     config = _replace(config, vocab_size=len(tok))
     chash = config_hash(config)
     if recorded is not None and recorded.get("config_hash") != chash:
@@ -265,6 +304,14 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     torch.manual_seed(recipe.seed)
     model = spec.build(config, tok)
     _check_contract(spec, model)
+    stage_ckpt = checkpoint_stage(out)
+    resuming = settings.resume and stage_ckpt is not None and stage_ckpt == (choices["stage"] or "")
+    if not resuming and base is not None and (previous is not None or base.get("stages")):
+        # a later stage starts from the earlier stage's final weights; modules new in this stage
+        # (absent from those weights) keep their initialisation
+        rundir.load_weights(model, out / rundir.WEIGHTS_FILE, allow_missing=True)
+        if hasattr(model, "load_artifacts"):
+            model.load_artifacts(out)
     model.train()
     params_total, params_active = count_params(model)
     optimizer = make_optimizer(model, recipe)
@@ -280,16 +327,18 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     ctx = TrainContext(
         spec=spec, config=config, model=model, wrapped=wrapped, optimizer=optimizer, accelerator=accelerator,
         tokenizer=tok, data=data, recipe=recipe, budget=budget, meter=meter, run_dir=out,
-        byte_lengths=token_byte_lengths(tok), stage=choices["stage"], resuming=settings.resume and state_path(out) is not None,
+        byte_lengths=token_byte_lengths(tok), stage=choices["stage"], resuming=resuming,
         save_every=save_every, eval_every=eval_every, log_every=max(1, settings.log_every), val_tokens=settings.val_tokens,
         on_progress=progress or (lambda ctx: None),
     )
     if accelerator.is_main_process and recorded is None:
         save_tokenizer(tok, out)
     if recorded is not None and not ctx.resuming:  # killed before its first checkpoint: start over
-        rundir.MetricsLog(out).truncate_after(0)
+        rundir.MetricsLog(out).truncate_after(0, stage=choices["stage"])
 
-    info = dict(recorded or {})
+    info = dict(base or {})
+    if previous is not None:  # keep the finished stage's record; this stage's fields replace it on top
+        info["stages"] = {**previous.get("stages", {}), previous["stage"]: {k: previous.get(k) for k in STAGE_FIELDS}}
     info.update({
         "arch": spec.name, "size": choices["size"], "seed": recipe.seed, "stage": choices["stage"],
         "description": spec.description, "distribution": spec.distribution,
@@ -359,12 +408,20 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
 def ckpt_step(out: Path) -> Optional[int]:
     import torch
 
-    from hmst_bench.train.checkpoint import state_path
-
     path = state_path(out)
     if path is None:
         return None
     return int(torch.load(path / "trainer.pt", weights_only=False)["step"])
+
+
+def checkpoint_stage(out: Path) -> Optional[str]:
+    """The stage ("" for unstaged runs) of the checkpoint in `out`, or None without one."""
+    import torch
+
+    path = state_path(out)
+    if path is None:
+        return None
+    return torch.load(path / "trainer.pt", weights_only=False).get("stage") or ""
 
 
 def _install_signal_handlers(ctx: TrainContext):

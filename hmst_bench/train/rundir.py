@@ -57,11 +57,12 @@ def save_weights(run_dir: str | Path, model, config_dict: dict) -> None:
     atomic_write_json(run_dir / CONFIG_FILE, config_dict)
 
 
-def load_weights(model, path: str | Path) -> None:
+def load_weights(model, path: str | Path, allow_missing: bool = False) -> None:
+    """Load safetensors weights; `allow_missing` lets a later training stage add new modules."""
     from safetensors.torch import load_model
 
     missing, unexpected = load_model(model, str(path), strict=False)
-    if missing or unexpected:
+    if unexpected or (missing and not allow_missing):
         raise RunError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
@@ -87,8 +88,9 @@ class MetricsLog:
                 break  # a line cut by a kill; everything after it is gone too
         return rows
 
-    def truncate_after(self, step: int) -> None:
-        kept = [r for r in self.read() if r.get("step", 0) <= step]
+    def truncate_after(self, step: int, stage: str | None = None) -> None:
+        """Drop the lines of `stage` logged after `step` (other stages' lines are kept)."""
+        kept = [r for r in self.read() if r.get("stage") != stage or r.get("step", 0) <= step]
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
