@@ -28,6 +28,8 @@ SIZE_NAMES = ("micro", "tiny", "small", "base")
 # derived fields are recomputed and validation runs again.
 REQUIRED_CONFIG_FIELDS = ("vocab_size", "max_seq_len")
 
+IGNORE_INDEX = -100  # a label the loss skips (PAD targets, masked prompts)
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message is one line naming the field and the fix."""
@@ -45,8 +47,14 @@ class LanguageModel(Protocol):
     - `num_active_params() -> int`: parameters touched per token (MoE); default all parameters.
     - `extra_flops(batch) -> float`: forward+backward FLOPs of ops FlopCounterMode cannot see
       (e.g. a hand-written selective scan), added to every measurement.
-    - `save_artifacts(run_dir)` / `load_artifacts(run_dir)`: state that is not in the weights
-      (a FAISS store, a Huffman tree, a transformers `save_pretrained` copy).
+    - `save_artifacts(dir)` / `load_artifacts(dir)`: model state that is not in the weights (a
+      FAISS store, a Huffman tree); saved inside every checkpoint (atomically, with the weights
+      of the same step) and at the top of the run directory for `load_run`.
+    - `export(run_dir)`: extra copies in other formats for other tools (the dense baselines
+      write RUN/hf/ with `save_pretrained`); never read back by hmst-bench.
+    - `prepare(train_tokens)`: called once before a fresh run trains, with the packed training
+      split (a 1-D int array), for state derived from the data (a Huffman tree from token
+      counts); that state must then be saved and restored through the artifacts methods.
     """
 
     max_seq_len: int

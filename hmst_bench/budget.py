@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 _TOKEN_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
 _FLOPS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(flops?)?\s*$", re.I)
@@ -110,6 +110,18 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, int(counter.get_total_flops())
 
 
+def _sum_over_ranks(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 def model_extra_flops(model: Any, batch: Any) -> float:
     """Analytic FLOPs a model declares for ops the counter cannot see (0 if it declares none)."""
     inner = getattr(model, "module", model)  # unwrap DDP
@@ -122,7 +134,7 @@ class BudgetMeter:
     """Accumulates achieved FLOPs and tokens across steps, processes and resumes.
 
     Used by the shared loop and by every stage runner, so all architectures are charged alike.
-    `world_size` multiplies what one process measures: data-parallel ranks do the same work.
+    With data parallelism every rank holds the same totals: `measure` sums all ranks' counts.
     """
 
     budget: Budget
@@ -132,12 +144,14 @@ class BudgetMeter:
     steps: int = 0
     flops_per_step: Optional[float] = None
 
-    def measure(self, fn: Callable[[], Any], model: Any = None, batch: Any = None) -> tuple[Any, float]:
-        """Run one unit of work under the counter; returns (result, FLOPs across all ranks)."""
+    def measure(self, fn: Callable[[], Any], model: Any = None, batches: Sequence[Any] = ()) -> tuple[Any, float]:
+        """Run one unit of work under the counter, plus `model.extra_flops(b)` for each batch b it
+        processed; returns (result, FLOPs summed over all data-parallel ranks). Every rank must
+        call it at the same point: the sum is an all-reduce, so all ranks agree on the budget."""
         result, local = count_flops(fn)
-        if model is not None and batch is not None:
-            local += model_extra_flops(model, batch)
-        return result, float(local) * self.world_size
+        if model is not None:
+            local += sum(model_extra_flops(model, b) for b in batches)
+        return result, _sum_over_ranks(float(local)) if self.world_size > 1 else float(local)
 
     def add(self, flops: float, tokens: int, steps: int = 1) -> None:
         self.flops += flops

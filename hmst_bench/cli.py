@@ -164,13 +164,17 @@ def train(arch, budget, size, corpus, out, resume, seed, save_every, eval_every,
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out, the run directory to continue")
-    if not resume and arch is None:
+    if not resume and arch is None and not (stage and _recorded_arch(out)):
         raise click.UsageError("--arch is required (see `hmst-bench list archs`)")
     if not resume and budget is None:
         raise click.UsageError("--budget is required, e.g. --budget 1e15 (FLOPs) or --budget 20Mtok")
     if tokenizer is not None and not (tokenizer / "tokenizer.json").exists():
         raise click.BadParameter(f"{tokenizer} has no tokenizer.json; give a run directory", param_hint="--tokenizer")
     if out is None:
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise click.UsageError("--out is required in a data-parallel launch (every rank must write the same run)")
         out = default_out(arch, size or "tiny", budget, seed or 0)
     settings = TrainSettings(
         arch=arch, budget=budget, out=out, size=size, corpus=corpus, resume=resume, tokenizer=tokenizer,
@@ -222,8 +226,9 @@ def run_training(settings) -> dict:
     if info["status"] == "interrupted":
         import signal
 
-        err.print(f"[yellow]interrupted[/] by {info.get('interrupted_by')} at step {info['steps']}; "
-                  f"continue with: hmst-bench train --resume --out {settings.out}")
+        if main_process:
+            err.print(f"[yellow]interrupted[/] by {info.get('interrupted_by')} at step {info['steps']}; "
+                      f"continue with: hmst-bench train --resume --out {settings.out}")
         sys.exit(128 + signal.Signals[info["interrupted_by"]].value)
     return info
 

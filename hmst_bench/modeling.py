@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from hmst_bench.arch import IGNORE_INDEX
 
 # step(new_tokens [B, n], state) -> (next-token log-probs [B, V], new state); state None at first
 DecodeStep = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
@@ -43,13 +43,33 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _normalise_stop(stop: Optional[Iterable]) -> list[tuple[int, ...]]:
+def _normalise_stop(stop: Optional[Iterable]) -> list:
+    """Token ids and id sequences become tuples; callables are kept as they are."""
     out = []
     for s in stop or ():
+        if callable(s):
+            out.append(s)
+            continue
         seq = (int(s),) if isinstance(s, int) or (torch.is_tensor(s) and s.ndim == 0) else tuple(int(t) for t in s)
         if seq:
             out.append(seq)
     return out
+
+
+def _stop_length(tokens: list[int], stops: list) -> int:
+    """How many trailing tokens to drop because a stop condition just fired (-1: none fired).
+    A callable stop gets the row's new tokens and returns None/False, True (keep them all) or
+    the number of trailing tokens to drop, e.g. a string-matching stop from an evaluator."""
+    for s in stops:
+        if callable(s):
+            hit = s(tokens)
+            if hit is True:
+                return 0
+            if hit not in (None, False):
+                return int(hit)
+        elif len(tokens) >= len(s) and tuple(tokens[-len(s):]) == s:
+            return len(s)
+    return -1
 
 
 @torch.no_grad()
@@ -63,7 +83,8 @@ def decode_loop(
     generator: Optional[torch.Generator] = None,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` per row; a row ends right after it produces a stop
-    sequence (a token id or a sequence of ids), which is removed from the returned tokens."""
+    sequence (a token id or a sequence of ids), which is removed from the returned tokens, or
+    when a callable stop fires (see `_stop_length`)."""
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty [B, T] tensor")
     stops = _normalise_stop(stop)
@@ -77,11 +98,10 @@ def decode_loop(
             if done[b]:
                 continue
             out[b].append(int(nxt[b]))
-            for seq in stops:
-                if len(out[b]) >= len(seq) and tuple(out[b][-len(seq):]) == seq:
-                    del out[b][-len(seq):]
-                    done[b] = True
-                    break
+            drop = _stop_length(out[b], stops)
+            if drop >= 0:
+                del out[b][len(out[b]) - drop :]
+                done[b] = True
         if all(done):
             break
         logprobs, state = step(nxt[:, None], state)

@@ -86,6 +86,8 @@ def atomic_dir(path: os.PathLike | str) -> Iterator[Path]:
             if file.is_file():
                 os.chmod(file, 0o666 & ~_umask())
         old = path.with_name(f".{path.name}.old")
+        if old.exists() and not path.exists():  # an earlier swap was cut between its renames
+            os.replace(old, path)
         if old.exists():
             shutil.rmtree(old)
         if path.exists():

@@ -121,7 +121,7 @@ def test_save_load_round_trip_and_hf_copy(arch, tok, tmp_path):
 
     model = build(arch, tok)
     save_weights(tmp_path, model, {"note": "test"})
-    model.save_artifacts(tmp_path)
+    model.export(tmp_path)
     save_tokenizer(tok, tmp_path)
     again = build(arch, tok)
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_lm_eval_hflm_scores_the_saved_copy_identically(tok, tmp_path):
     from lm_eval.models.huggingface import HFLM
 
     model = build("dense-llama", tok)
-    model.save_artifacts(tmp_path)
+    model.export(tmp_path)
     lm = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=1, max_length=32)
     ctx = tok.encode("Githstin Datoth was born in", add_special_tokens=False)
     cont = tok.encode(" Vyndum in 1821.", add_special_tokens=False)
@@ -150,3 +150,14 @@ def test_lm_eval_hflm_scores_the_saved_copy_identically(tok, tmp_path):
         lp = model.token_logprobs(seq[:, :-1], seq[:, 1:])
     ours = float(lp[0, len(ctx) - 1 :].sum())
     assert ll == pytest.approx(ours, abs=1e-4)
+
+
+def test_callable_stop_drops_what_it_asks(tok):
+    model = build("dense-llama", tok)
+    prompt = ids([5, 6, 7, 8])
+    with torch.no_grad():
+        greedy = model.generate(prompt, 8)[0]
+        # stop once 3 tokens exist, dropping the last one (as a string-matching stop would)
+        got = model.generate(prompt, 8, stop=[lambda toks: 1 if len(toks) == 3 else None])[0]
+        kept = model.generate(prompt, 8, stop=[lambda toks: len(toks) == 2])[0]
+    assert got == greedy[:2] and kept == greedy[:2]

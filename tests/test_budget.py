@@ -88,12 +88,15 @@ def test_cpu_sdpa_counts_like_the_matmuls_it_replaces():
     assert both == 4 * B * H * T * T * D + 10 * B * H * T * T * D
 
 
-def test_meter_accumulates_and_scales_with_world_size():
-    meter = BudgetMeter(parse_budget("1000"), world_size=2)
+def test_meter_accumulates_and_adds_declared_extra_flops():
+    meter = BudgetMeter(parse_budget("1000"))
     lin = torch.nn.Linear(2, 2, bias=False)
+    lin.extra_flops = lambda batch: 100.0  # what a model declares for ops the counter cannot see
+    _, flops = meter.measure(lambda: lin(torch.ones(1, 2)), lin, batches=["b1", "b2"])
+    assert flops == 2 * 1 * 2 * 2 + 2 * 100
     _, flops = meter.measure(lambda: lin(torch.ones(1, 2)))
-    assert flops == 2 * (2 * 1 * 2 * 2)
-    for _ in range(62):
+    assert flops == 2 * 1 * 2 * 2
+    for _ in range(124):
         meter.add(flops, tokens=1)
     assert not meter.done and meter.flops == 992
     meter.add(flops, tokens=1)
@@ -102,3 +105,13 @@ def test_meter_accumulates_and_scales_with_world_size():
     other = BudgetMeter(parse_budget("1000"))
     other.load_state_dict(state)
     assert (other.flops, other.tokens, other.steps) == (meter.flops, meter.tokens, meter.steps)
+
+
+def test_warmup_then_cosine_schedule_by_hand():
+    from hmst_bench.train.context import lr_lambda
+
+    f = lr_lambda(total_steps=10, warmup=2, min_ratio=0.1)
+    assert [f(0), f(1)] == [0.5, 1.0]  # linear warmup
+    assert f(2) == 1.0  # cosine starts at the peak
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half-way: 0.55
+    assert f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)  # floor, never below

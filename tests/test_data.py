@@ -133,3 +133,15 @@ def test_pad_targets_are_ignored_eos_targets_are_not():
     batch = next(data.val_batches(seq_len=5, batch_size=1, max_tokens=5))
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2, 0]]
     assert batch["labels"].tolist() == [[5, 6, 2, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_global_batch_is_the_same_however_it_is_split(small_tok):
+    """8 sequences per step are the same 8 as one batch, as 2 accumulated micro-batches or on 2 ranks."""
+    import torch
+
+    corpus, tok = small_tok
+    data = encode_corpus(corpus, tok)
+    whole = data.batch(seed=1, step=3, micro=0, rank=0, batch_size=8, seq_len=16)["input_ids"]
+    micro = torch.cat([data.batch(1, 3, m, 0, 4, 16, grad_accum=2)["input_ids"] for m in range(2)])
+    ranks = torch.cat([data.batch(1, 3, 0, r, 4, 16, world_size=2)["input_ids"] for r in range(2)])
+    assert torch.equal(whole, micro) and torch.equal(whole, ranks)

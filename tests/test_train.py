@@ -4,6 +4,7 @@ SIGINT, one-line user errors, NaN handling, tokenizer reuse, and the demo."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -157,7 +158,12 @@ def test_user_errors_are_one_line(micro_run, tmp_path):
     _fails("train", "--resume", "--set", "n_layers=3", "--out", str(out), match="config")
     _fails("train", *MICRO, "--set", "d_model=30", "--budget", "1e12", "--out", str(tmp_path / "d"), match="divisible")
     line = _fails("train", *MICRO, "--budget", "1e6", "--out", str(tmp_path / "e"), match="below one training step")
-    assert f"{info['flops_per_step']:.3g}" in line  # states the minimum
+    minimum = line.split("use --budget ")[1].split()[0]
+    assert float(minimum) >= info["flops_per_step"]  # the stated minimum really is enough
+    assert not (tmp_path / "e").exists()  # a refused start leaves nothing behind
+    _fails("train", *MICRO, "--budget", "100tok", "--out", str(tmp_path / "t"), match="use --budget 1024tok or more")
+    again = json.loads(run_cli("train", *MICRO, "--budget", minimum, "--out", str(tmp_path / "e"), "--json").stdout)
+    assert again["status"] == "complete" and again["steps"] == math.ceil(float(minimum) / info["flops_per_step"])
     _fails("train", "--resume", "--out", str(tmp_path / "never"), match="no run.json")
 
 
@@ -394,3 +400,122 @@ def test_interrupted_later_stage_resumes_exactly(fresh_registry, tmp_path):
     assert resumed["status"] == "complete" and resumed["stage"] == "2"
     assert resumed["final_train_loss"] == full["final_train_loss"] and resumed["steps"] == full["steps"]
     assert resumed["stages"] == full["stages"]
+
+
+def _build_uniform(config, tokenizer):
+    import torch
+
+    from hmst_bench.modeling import SoftmaxLM
+
+    class Uniform(SoftmaxLM):
+        """Always predicts the uniform distribution (its one weight gets zero gradient)."""
+
+        def __init__(self):
+            super().__init__()
+            self.max_seq_len = config.max_seq_len
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def logits(self, input_ids):
+            return (self.w * 0).expand(*input_ids.shape, config.vocab_size)
+
+    return Uniform()
+
+
+def test_validation_loss_and_bits_per_byte_by_hand(fresh_registry, tmp_path):
+    """A uniform model's validation loss is ln V per token; bits per byte is then
+    (targets * ln V) / (ln 2 * UTF-8 bytes of the target tokens), counted here independently."""
+    import math
+
+    import numpy as np
+
+    from hmst_bench import ArchSpec, hookimpl
+    from hmst_bench.data.corpora import load_corpus
+    from hmst_bench.data.tokenizer import load_tokenizer
+    from hmst_bench.data.tokens import encode_corpus
+    from hmst_bench.train.loop import TrainSettings, train
+
+    class Plugin:
+        @hookimpl
+        def register_architectures(self, register):
+            register(ArchSpec(name="uniform", description="uniform", config_cls=NanConfig,
+                              sizes={"micro": {"vocab_size": 300}}, build=_build_uniform))
+
+    fresh_registry.add_plugin(Plugin(), name="uniform")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"línea {i}: café ünïcode line of text\n" for i in range(600)))
+    out = tmp_path / "R"
+    info = train(TrainSettings(arch="uniform", size="micro", budget="256tok", corpus=str(corpus), out=out, eval_every=1000))
+    tok = load_tokenizer(out)
+    data = encode_corpus(load_corpus(str(corpus)), tok)
+    windows = data.val_windows(16, 32768)
+    targets = windows[:, 1:].reshape(-1)
+    text_bytes = sum(len(tok.decode([int(t)]).encode("utf-8")) for t in targets if t not in tok.all_special_ids)
+    assert info["val_loss"] == pytest.approx(math.log(len(tok)), rel=1e-6)
+    assert info["val_bpb"] == pytest.approx(len(targets) * math.log(len(tok)) / (math.log(2) * text_bytes), rel=1e-6)
+    assert np.all(targets != tok.pad_token_id)
+
+
+def test_data_parallel_on_two_processes_matches_one(micro_run, tmp_path):
+    """torchrun with 2 CPU ranks: FLOPs and tokens count both ranks, and 2 ranks x batch 4 train on
+    the same global batches as 1 process x batch 8, so the losses agree to float precision."""
+    _, single, _ = micro_run
+    out = tmp_path / "dp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hmst_bench.cli"]
+    proc = subprocess.run([*torchrun, "train", *MICRO, "--batch-size", "4", "--budget", "2e11", "--out", str(out), "--json"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout)
+    assert info["training"]["world_size"] == 2 and info["status"] == "complete"
+    assert info["flops_per_step"] == pytest.approx(single["flops_per_step"], rel=1e-9)  # 2 x (batch 4) = batch 8
+    assert info["tokens"] == info["steps"] * 2 * 4 * 128 and info["steps"] == single["steps"]
+    assert info["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=1e-3)
+
+
+def _build_counting(config, tokenizer):
+    import torch
+
+    from hmst_bench.modeling import SoftmaxLM
+
+    class Counting(SoftmaxLM):
+        """Counts its training forwards in a buffer, as a memory-writing model would change state."""
+
+        def __init__(self):
+            super().__init__()
+            self.max_seq_len = config.max_seq_len
+            self.embed = torch.nn.Embedding(config.vocab_size, 8)
+            self.head = torch.nn.Linear(8, config.vocab_size)
+            self.register_buffer("writes", torch.zeros((), dtype=torch.long))
+
+        def logits(self, input_ids):
+            if self.training:
+                self.writes += 1
+            return self.head(self.embed(input_ids))
+
+    return Counting()
+
+
+def test_flop_probe_leaves_buffers_untouched_and_refused_stage_keeps_the_run(fresh_registry, tmp_path):
+    from safetensors.torch import load_file
+
+    from hmst_bench import ArchSpec, hookimpl
+    from hmst_bench.train.loop import TrainError, TrainSettings, train
+
+    class Plugin:
+        @hookimpl
+        def register_architectures(self, register):
+            register(ArchSpec(name="counting", description="stateful", config_cls=NanConfig,
+                              sizes={"micro": {"vocab_size": 300}}, build=_build_counting, stages=("1", "2")))
+
+    fresh_registry.add_plugin(Plugin(), name="counting")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    out = tmp_path / "R"
+    first = train(TrainSettings(arch="counting", size="micro", budget="1e7", corpus=str(corpus), out=out, eval_every=1000))
+    assert int(load_file(out / "model.safetensors")["writes"]) == first["steps"]  # the probe's forward was undone
+    before = (out / "run.json").read_text(), (out / "metrics.jsonl").read_text()
+    with pytest.raises(TrainError, match="below one training step"):
+        train(TrainSettings(stage="2", budget="10", out=out))
+    assert ((out / "run.json").read_text(), (out / "metrics.jsonl").read_text()) == before  # stage 1 untouched
+    second = train(TrainSettings(stage="2", budget="1e7", out=out, eval_every=1000))
+    assert second["status"] == "complete" and second["stages"]["1"]["steps"] == first["steps"]

@@ -42,7 +42,8 @@ class HFCausalLM(SoftmaxLM):
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return logprobs, {"seq": seq, "past": out.past_key_values if seq.shape[1] < self.max_seq_len else None}
 
-    def save_artifacts(self, run_dir: str | Path) -> None:
+    def export(self, run_dir: str | Path) -> None:
+        """RUN/hf/: the same weights as a transformers checkpoint, with the tokenizer."""
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # keep the run's stderr to our own progress display

@@ -1,10 +1,11 @@
 """Packed token streams and the batches the trainer draws from them.
 
 Each document becomes `BOS text EOS`; documents are concatenated (nanoGPT-style packing) into
-one int32 array per split, cached on disk by (corpus fingerprint, tokenizer hash). A training
-batch is a pure function of (seed, step, micro-batch, rank): random windows of `seq_len + 1`
-tokens. So the data position of a run is just its step counter, and a resumed run sees exactly
-the batches an uninterrupted one would.
+one int32 array per split, cached on disk by (corpus fingerprint, tokenizer hash). The global
+batch of an optimiser step is a pure function of (seed, step): random windows of `seq_len + 1`
+tokens, which ranks and micro-batches then slice. So the data position of a run is just its step
+counter, a resumed run sees exactly the batches an uninterrupted one would, and 8 sequences per
+step are the same 8 whether they come as one batch, two accumulated micro-batches or two ranks.
 
 Validation uses fixed, non-overlapping windows from the start of the validation split.
 """
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hmst_bench.arch import IGNORE_INDEX
 from hmst_bench.util import atomic_save, home
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -34,11 +35,16 @@ class TokenData:
                     f"use a larger corpus or a smaller --seq-len"
                 )
 
-    def batch(self, seed: int, step: int, micro: int, rank: int, batch_size: int, seq_len: int) -> dict:
+    def batch(self, seed: int, step: int, micro: int, rank: int, batch_size: int, seq_len: int,
+              grad_accum: int = 1, world_size: int = 1) -> dict:
+        """Micro-batch `micro` of rank `rank`: a slice of the step's global batch of
+        batch_size * grad_accum * world_size windows."""
         import torch
 
-        rng = np.random.default_rng([seed, step, micro, rank])
-        starts = rng.integers(0, len(self.train) - seq_len - 1, size=batch_size)
+        rng = np.random.default_rng([seed, step])
+        starts = rng.integers(0, len(self.train) - seq_len - 1, size=batch_size * grad_accum * world_size)
+        first = (rank * grad_accum + micro) * batch_size
+        starts = starts[first : first + batch_size]
         windows = np.stack([self.train[s : s + seq_len + 1] for s in starts]).astype(np.int64)
         return self._to_batch(torch.from_numpy(windows))
 

@@ -28,7 +28,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from hmst_bench.budget import Budget, BudgetMeter, model_extra_flops
+from hmst_bench.arch import IGNORE_INDEX
+from hmst_bench.budget import Budget, BudgetMeter
 from hmst_bench.train import checkpoint as ckpt
 from hmst_bench.train.rundir import MetricsLog
 
@@ -144,16 +145,19 @@ class TrainContext:
         device = self.accelerator.device
         out = []
         for micro in range(r.grad_accum):
-            b = self.data.batch(r.seed, step, micro, rank, r.batch_size, r.seq_len)
+            b = self.data.batch(r.seed, step, micro, rank, r.batch_size, r.seq_len, r.grad_accum, self.accelerator.num_processes)
             out.append({k: v.to(device) for k, v in b.items()})
         return out
 
     # ------------------------------------------------------------------ planning and resume
 
     def probe_flops(self, batches: list[dict]) -> float:
-        """Measured FLOPs (all ranks) of forward+backward over `batches`; weights, gradients
-        and RNG are left exactly as they were."""
+        """Measured FLOPs (all ranks) of forward+backward over `batches`. Weights, buffers,
+        gradients and RNG are left exactly as they were; state a model keeps outside tensors
+        (a Python-side memory store) must not change in a forward pass, or the architecture
+        should use a stage runner that charges each real step instead of probing."""
         rng = ckpt.rng_state()
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
 
         def work():
             for b in batches:
@@ -161,9 +165,11 @@ class TrainContext:
                 self.accelerator.backward(loss / len(batches))
 
         with self.accelerator.no_sync(self.wrapped):
-            _, total = self.meter.measure(work)
-        total += sum(model_extra_flops(self.model, b) for b in batches) * self.meter.world_size
+            _, total = self.meter.measure(work, self.model, batches)
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                b.copy_(buffers[name])
         ckpt.set_rng_state(rng)
         return total
 
@@ -178,14 +184,12 @@ class TrainContext:
 
     def restore(self) -> dict:
         """Continue from RUN/state: returns the runner's extras saved with `checkpoint(extra)`."""
-        path = ckpt.state_path(self.run_dir)
-        if path is None:
+        saved = ckpt.read_trainer_state(self.run_dir)
+        if saved is None:
             raise FileNotFoundError(f"{self.run_dir} has no checkpoint yet; start it again without --resume")
-        saved = torch.load(path / "trainer.pt", weights_only=False)
         self.plan(saved["total_steps"])
-        state = ckpt.load_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler)
-        if hasattr(self.model, "load_artifacts"):
-            self.model.load_artifacts(self.run_dir)
+        state = ckpt.load_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler,
+                                     getattr(self.accelerator, "scaler", None))
         self.step = state["step"]
         self.meter.load_state_dict(state["meter"])
         self.wall_seconds = state["wall_seconds"]
@@ -227,8 +231,10 @@ class TrainContext:
             raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}")
         grad_norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), self.recipe.grad_clip)
         grad_norm = float(grad_norm)
-        if not math.isfinite(grad_norm) and self.recipe.mixed_precision != "fp16":  # fp16: the scaler skips it
+        if not math.isfinite(grad_norm) and getattr(self.accelerator, "scaler", None) is None:
+            # with an fp16 loss scaler an inf gradient is a step the scaler skips, not divergence
             raise TrainingDiverged(f"gradient norm became {grad_norm} at step {self.step + 1}")
+        self.last_aux["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -238,10 +244,11 @@ class TrainContext:
 
     def after_step(self, loss: float, aux: dict, flops: float, tokens: int) -> None:
         """Charge the step to the budget, then log / validate / checkpoint when due."""
+        self._agree_on_stop()
         self.meter.add(flops, tokens)
         self.step += 1
         self.last_loss = loss
-        self.last_aux = {**{k: v for k, v in self.last_aux.items() if k == "grad_norm"}, **{k: float(v) for k, v in aux.items()}}
+        self.last_aux = {**{k: v for k, v in self.last_aux.items() if k in ("grad_norm", "lr")}, **{k: float(v) for k, v in aux.items()}}
         t_prev, tok_prev = self._window
         now = time.time()
         last = self.should_stop
@@ -249,12 +256,21 @@ class TrainContext:
             elapsed = self.wall_seconds + (now - self._t0)
             tok_s = (self.meter.tokens - tok_prev) / max(1e-9, elapsed - t_prev) if t_prev or tok_prev else self.meter.tokens / max(1e-9, elapsed)
             self._window = (elapsed, self.meter.tokens)
-            self.log(kind="train", loss=loss, lr=self.optimizer.param_groups[0]["lr"], tok_per_s=tok_s, **self.last_aux)
+            self.log(kind="train", loss=loss, tok_per_s=tok_s, **self.last_aux)
         if self.eval_every and self.step % self.eval_every == 0 and not last:
             self.validate()
         if self.save_every and self.step % self.save_every == 0 and not last:
             self.checkpoint()
         self.on_progress(self)
+
+    def _agree_on_stop(self) -> None:
+        """A signal may reach one rank only; every rank must stop at the same step."""
+        if self.accelerator.num_processes == 1:
+            return
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.accelerator.device)
+        flag = self.accelerator.reduce(flag, reduction="sum")
+        if float(flag) > 0 and self.stop_signal is None:
+            self.stop_signal = "SIGTERM"  # stopped because another rank was signalled
 
     # ------------------------------------------------------------------ logging, validation, checkpoints
 
@@ -280,7 +296,7 @@ class TrainContext:
         with self.accelerator.autocast():
             for b in self.data.val_batches(self.recipe.seq_len, self.recipe.batch_size, self.val_tokens):
                 ids, labels = b["input_ids"].to(self.accelerator.device), b["labels"]
-                mask = labels != -100
+                mask = labels != IGNORE_INDEX
                 lp = model.token_logprobs(ids, labels.to(ids.device)).float().cpu()
                 nats -= float(lp[mask].sum())
                 count += int(mask.sum())
@@ -305,6 +321,7 @@ class TrainContext:
                 "last_val": self.last_val,
                 "extra": self.extra_state,
             }
-            ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state)
+            ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state,
+                                 getattr(self.accelerator, "scaler", None))
             self.on_checkpoint(self)
         self.accelerator.wait_for_everyone()

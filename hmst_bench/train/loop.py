@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from hmst_bench.arch import ConfigError, config_from_dict, config_hash, config_to_dict
 from hmst_bench.budget import BudgetMeter, parse_budget
 from hmst_bench.train import rundir
-from hmst_bench.train.checkpoint import state_path
+from hmst_bench.train.checkpoint import read_trainer_state
 from hmst_bench.train.context import LossModule, Recipe, TrainContext, TrainingDiverged, make_optimizer
 
 DEFAULTS = {"size": "tiny", "corpus": "stdlib-code"}
@@ -74,12 +74,15 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
     out = Path(settings.out)
     recorded = None
     previous = None  # a complete earlier stage in --out, continued by this one
+    given_corpus = settings.corpus
+    if given_corpus and not given_corpus.startswith("hf:") and Path(given_corpus).expanduser().exists():
+        given_corpus = str(Path(given_corpus).expanduser().resolve())  # so --resume works from any folder
     if settings.resume:
         try:
             recorded = rundir.read_info(out)
         except rundir.RunError as exc:
             raise TrainError(f"cannot resume: {exc}") from None
-        for key, given in (("arch", settings.arch), ("size", settings.size), ("corpus", settings.corpus),
+        for key, given in (("arch", settings.arch), ("size", settings.size), ("corpus", given_corpus),
                            ("budget", settings.budget), ("stage", settings.stage)):
             if given is not None and str(given) != str(recorded.get(key if key != "corpus" else "corpus_spec")):
                 have = recorded.get(key if key != "corpus" else "corpus_spec")
@@ -100,7 +103,7 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
     choices = {
         "arch": arch,
         "size": settings.size or base.get("size") or DEFAULTS["size"],
-        "corpus": settings.corpus or base.get("corpus_spec") or DEFAULTS["corpus"],
+        "corpus": given_corpus or base.get("corpus_spec") or DEFAULTS["corpus"],
         "budget": settings.budget or (recorded or {}).get("budget"),
         "stage": settings.stage or (recorded or {}).get("stage") or (spec.stages[0] if spec.stages else None),
     }
@@ -186,14 +189,38 @@ def _replace(config, **changes):
         raise TrainError(f"{type(config).__name__}: {exc}") from None
 
 
-def _prepare_out(out: Path, resume: bool) -> None:
+def _prepare_out(out: Path) -> None:
+    """Make sure `out` is a writable folder."""
+    import tempfile
+
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)  # unique: ranks may probe at once
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise TrainError(f"cannot write to {out} ({exc.strerror}); choose a writable --out") from None
+
+
+def _round_up(x: float) -> str:
+    """x rounded up to three significant digits, so the stated minimum budget suffices."""
+    import math
+
+    if x <= 0:
+        return "0"
+    unit = 10 ** (math.floor(math.log10(x)) - 2)
+    return f"{math.ceil(x / unit) * unit:.3g}"
+
+
+def _roll_back(out: Path, previous: Optional[dict], stage: Optional[str]) -> None:
+    """Undo what a session wrote before its first checkpoint, so a refused or crashed start
+    leaves `out` as it found it: empty for a new run, at the earlier stage for a next stage."""
+    if previous is not None:
+        rundir.write_info(out, previous)
+        rundir.MetricsLog(out).truncate_after(-1, stage=stage)
+        return
+    for name in (rundir.RUN_FILE, rundir.METRICS_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _tokenizer(settings: TrainSettings, choices: dict, config, corpus, recorded) -> tuple[Any, dict]:
@@ -243,6 +270,11 @@ def shared_loop(ctx: TrainContext) -> None:
     else:
         fps = ctx.probe_flops(ctx.batches(0))
         ctx.meter.flops_per_step = fps
+        if ctx.budget.kind == "tokens" and ctx.budget.amount < ctx.tokens_per_step:
+            raise TrainError(
+                f"budget {ctx.budget.text} is below one training step ({ctx.tokens_per_step} tokens at batch "
+                f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {ctx.tokens_per_step}tok or more"
+            )
         if fps <= 0 and ctx.budget.kind == "flops":
             raise TrainError(
                 f"{ctx.spec.name}: the FLOP counter saw no work in a training step; the model must declare "
@@ -251,7 +283,7 @@ def shared_loop(ctx: TrainContext) -> None:
         if ctx.budget.kind == "flops" and ctx.budget.amount < fps:
             raise TrainError(
                 f"budget {ctx.budget.text} is below one training step ({fps:.3g} FLOPs at batch "
-                f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {fps:.3g} or more"
+                f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {_round_up(fps)} or more"
             )
         ctx.plan(ctx.budget.steps_for(fps, ctx.tokens_per_step))
     while not ctx.should_stop:
@@ -259,9 +291,24 @@ def shared_loop(ctx: TrainContext) -> None:
 
 
 def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]] = None) -> dict:
-    """Run (or resume) training; returns run.json's content. Raises TrainError / TrainingDiverged."""
+    """Run (or resume) training; returns run.json's content. Raises TrainError / TrainingDiverged.
+    A start that fails before its first checkpoint leaves no trace (see `_roll_back`)."""
+    if settings.out is None:
+        raise TrainError("--out is required")
+    out = Path(settings.out)
+    new_folder = not out.exists()
+    try:
+        return _train(settings, progress)
+    except BaseException:
+        if new_folder and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]]) -> dict:
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from hmst_bench.budget import BudgetError
     from hmst_bench.data.corpora import CorpusError, load_corpus, python_tag
@@ -269,8 +316,6 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     from hmst_bench.data.tokens import encode_corpus
     from hmst_bench.plugins import get_registry
 
-    if settings.out is None:
-        raise TrainError("--out is required")
     out = Path(settings.out)
     spec, choices, config, recipe, recorded, previous = _resolve(settings, get_registry())
     base = recorded or previous  # the run.json this session builds on, if any
@@ -278,7 +323,7 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
         budget = parse_budget(choices["budget"])
     except BudgetError as exc:
         raise TrainError(str(exc)) from None
-    _prepare_out(out, settings.resume)
+    _prepare_out(out)
 
     try:
         corpus = load_corpus(choices["corpus"])
@@ -300,18 +345,25 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     except ValueError as exc:
         raise TrainError(str(exc)) from None
 
+    AcceleratorState._reset_state()  # a second train() in one process may use another precision
     accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
     torch.manual_seed(recipe.seed)
     model = spec.build(config, tok)
     _check_contract(spec, model)
     stage_ckpt = checkpoint_stage(out)
     resuming = settings.resume and stage_ckpt is not None and stage_ckpt == (choices["stage"] or "")
-    if not resuming and base is not None and (previous is not None or base.get("stages")):
+    from_earlier_stage = not resuming and base is not None and (previous is not None or bool(base.get("stages")))
+    if from_earlier_stage:
         # a later stage starts from the earlier stage's final weights; modules new in this stage
         # (absent from those weights) keep their initialisation
-        rundir.load_weights(model, out / rundir.WEIGHTS_FILE, allow_missing=True)
+        try:
+            rundir.load_weights(model, out / rundir.WEIGHTS_FILE, allow_missing=True)
+        except rundir.RunError as exc:
+            raise TrainError(f"cannot start stage {choices['stage']} from the earlier stage: {exc}") from None
         if hasattr(model, "load_artifacts"):
             model.load_artifacts(out)
+    elif not resuming and hasattr(model, "prepare"):
+        model.prepare(data.train)  # state derived from the training data, e.g. a Huffman tree
     model.train()
     params_total, params_active = count_params(model)
     optimizer = make_optimizer(model, recipe)
@@ -331,8 +383,6 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
         save_every=save_every, eval_every=eval_every, log_every=max(1, settings.log_every), val_tokens=settings.val_tokens,
         on_progress=progress or (lambda ctx: None),
     )
-    if accelerator.is_main_process and recorded is None:
-        save_tokenizer(tok, out)
     if recorded is not None and not ctx.resuming:  # killed before its first checkpoint: start over
         rundir.MetricsLog(out).truncate_after(0, stage=choices["stage"])
 
@@ -373,9 +423,8 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
         return info
 
     def save_model_files(c: TrainContext) -> None:
-        rundir.save_weights(out, model, config_to_dict(config))
-        if hasattr(model, "save_artifacts"):
-            model.save_artifacts(out)
+        """After each checkpoint: publish weights, artifacts and exports at the top of RUN."""
+        rundir.publish_model(out, model, config_to_dict(config))
         record("running")
 
     ctx.on_checkpoint = save_model_files
@@ -383,16 +432,20 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     handlers = _install_signal_handlers(ctx)
     runner = spec.stage_runner or shared_loop
     try:
+        if recorded is None and previous is None and accelerator.is_main_process:
+            save_tokenizer(tok, out)
         if recorded is None:
             record("running")
         runner(ctx)
-    except TrainingDiverged as exc:
-        record("failed", error=str(exc))
-        kept = ckpt_step(out)
-        raise TrainingDiverged(
-            f"{exc}; " + (f"the last good checkpoint (step {kept}) is kept in {out}/state" if kept is not None else "no checkpoint was written")
-            + "; start a new run with a lower --lr"
-        ) from None
+    except BaseException as exc:
+        started_fresh = recorded is None
+        if started_fresh and checkpoint_stage(out) != (choices["stage"] or "") and accelerator.is_main_process:
+            _roll_back(out, previous, choices["stage"])  # nothing worth keeping was written
+            if isinstance(exc, TrainingDiverged):
+                exc.args = (f"{exc}; nothing was kept; start a new run with a lower --lr",)
+        elif isinstance(exc, TrainingDiverged):
+            _report_divergence(exc, record, out)
+        raise
     finally:
         _restore_signal_handlers(handlers)
 
@@ -405,23 +458,22 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     return record("complete")
 
 
-def ckpt_step(out: Path) -> Optional[int]:
-    import torch
+def _report_divergence(exc: TrainingDiverged, record, out: Path) -> None:
+    record("failed", error=str(exc))
+    kept = ckpt_step(out)
+    exc.args = (f"{exc}; " + (f"the last good checkpoint (step {kept}) is kept in {out}/state" if kept is not None else "no checkpoint was written")
+                + "; start a new run with a lower --lr",)
 
-    path = state_path(out)
-    if path is None:
-        return None
-    return int(torch.load(path / "trainer.pt", weights_only=False)["step"])
+
+def ckpt_step(out: Path) -> Optional[int]:
+    state = read_trainer_state(out)
+    return None if state is None else int(state["step"])
 
 
 def checkpoint_stage(out: Path) -> Optional[str]:
     """The stage ("" for unstaged runs) of the checkpoint in `out`, or None without one."""
-    import torch
-
-    path = state_path(out)
-    if path is None:
-        return None
-    return torch.load(path / "trainer.pt", weights_only=False).get("stage") or ""
+    state = read_trainer_state(out)
+    return None if state is None else (state.get("stage") or "")
 
 
 def _install_signal_handlers(ctx: TrainContext):

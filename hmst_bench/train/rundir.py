@@ -5,7 +5,7 @@
     RUN/tokenizer.json      + tokenizer_config.json: loadable by PreTrainedTokenizerFast
     RUN/model.safetensors   weights; RUN/model_config.json the config dataclass as JSON
     RUN/state/              optimiser, scheduler, RNG, meter and data position for an exact resume
-    RUN/<artifacts>         whatever the model's save_artifacts writes (dense baselines: RUN/hf/)
+    RUN/<artifacts>         the model's save_artifacts (non-weight state) and export (dense baselines: RUN/hf/)
 
 Every file is replaced atomically; a killed process leaves the previous version whole.
 """
@@ -57,13 +57,26 @@ def save_weights(run_dir: str | Path, model, config_dict: dict) -> None:
     atomic_write_json(run_dir / CONFIG_FILE, config_dict)
 
 
+def publish_model(run_dir: str | Path, model, config_dict: dict) -> None:
+    """Top-level copies for users and `load_run`: weights, config, the model's artifacts
+    (`save_artifacts`) and extra export formats (`export`, e.g. RUN/hf/)."""
+    save_weights(run_dir, model, config_dict)
+    if hasattr(model, "save_artifacts"):
+        model.save_artifacts(Path(run_dir))
+    if hasattr(model, "export"):
+        model.export(Path(run_dir))
+
+
 def load_weights(model, path: str | Path, allow_missing: bool = False) -> None:
     """Load safetensors weights; `allow_missing` lets a later training stage add new modules."""
     from safetensors.torch import load_model
 
-    missing, unexpected = load_model(model, str(path), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise RunError(f"{path} does not match the model: {str(exc).splitlines()[0]}") from None
     if unexpected or (missing and not allow_missing):
-        raise RunError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RunError(f"{path} does not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
 
 class MetricsLog:
