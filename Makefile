@@ -1,6 +1,6 @@
 # hmst-bench: `make demo` trains a dense baseline for about two minutes; `make test` runs the tests.
-# Both build .venv first, idempotently: torch (the CPU wheel pinned below) before anything that
-# depends on it, then the core, the baselines and every plugins/* distribution in editable mode.
+# Both build .venv first, idempotently: torch (pinned below; pip picks the build for the platform)
+# before anything that depends on it, then the core, the baselines and every plugins/* distribution in editable mode.
 
 PYTHON ?= python3
 VENV   := .venv

@@ -63,10 +63,9 @@ def _stop_length(tokens: list[int], stops: list) -> int:
     for s in stops:
         if callable(s):
             hit = s(tokens)
-            if hit is True:
-                return 0
-            if hit not in (None, False):
-                return int(hit)
+            if hit is None or hit is False:
+                continue
+            return 0 if hit is True else int(hit)
         elif len(tokens) >= len(s) and tuple(tokens[-len(s):]) == s:
             return len(s)
     return -1
