@@ -178,6 +178,25 @@ def test_tokenizer_reuse_makes_runs_comparable(micro_run, tmp_path):
 # ----------------------------------------------------------------------------- NaN, in-process
 
 
+def register_toy(registry, plugin_name: str, distribution: str = "", **spec) -> None:
+    """Register one in-test architecture (ArchSpec fields as keywords) as a plugin would."""
+    from hmst_bench import ArchSpec, hookimpl
+
+    class Plugin:
+        @hookimpl
+        def register_architectures(self, register):
+            register(ArchSpec(**spec))
+
+    assert registry.add_plugin(Plugin(), name=plugin_name, distribution=distribution)
+
+
+def small_corpus(tmp_path: Path, text: str | None = None) -> Path:
+    path = tmp_path / "c.txt"
+    path.write_text(text or "".join(f"line {i} of a small corpus\n" for i in range(400)))
+    return path
+
+
+
 @dataclass
 class NanConfig:
     vocab_size: int = 64
@@ -214,19 +233,13 @@ def _build_nan_model(config, tokenizer):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(fresh_registry, tmp_path):
     import torch
 
-    from hmst_bench import ArchSpec, hookimpl
     from hmst_bench.train.context import TrainingDiverged
     from hmst_bench.train.loop import TrainSettings, train
 
-    class Plugin:
-        @hookimpl
-        def register_architectures(self, register):
-            register(ArchSpec(name="nan-bigram", description="diverges on purpose", config_cls=NanConfig,
-                              sizes={"micro": {}}, build=_build_nan_model))
-
-    fresh_registry.add_plugin(Plugin(), name="nan")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    register_toy(fresh_registry, "nan",
+                 name="nan-bigram", description="diverges on purpose",
+                 config_cls=NanConfig, sizes={"micro": {}}, build=_build_nan_model)
+    corpus = small_corpus(tmp_path)
     out = tmp_path / "R"
     settings = TrainSettings(arch="nan-bigram", size="micro", budget="1e12", corpus=str(corpus), out=out,
                              save_every=2, eval_every=1000, overrides={"vocab_size": 300})
@@ -267,18 +280,12 @@ def test_demo_command(tmp_path):
 def test_model_missing_part_of_the_contract_is_refused(fresh_registry, tmp_path):
     import torch
 
-    from hmst_bench import ArchSpec, hookimpl
     from hmst_bench.train.loop import TrainError, TrainSettings, train
 
-    class Plugin:
-        @hookimpl
-        def register_architectures(self, register):
-            register(ArchSpec(name="half-model", description="no contract", config_cls=NanConfig,
-                              sizes={"micro": {}}, build=lambda c, t: torch.nn.Linear(2, 2)))
-
-    fresh_registry.add_plugin(Plugin(), name="half", distribution="half-dist")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    register_toy(fresh_registry, "half", distribution="half-dist",
+                 name="half-model", description="no contract",
+                 config_cls=NanConfig, sizes={"micro": {}}, build=lambda c, t: torch.nn.Linear(2, 2))
+    corpus = small_corpus(tmp_path)
     settings = TrainSettings(arch="half-model", size="micro", budget="1e9", corpus=str(corpus), out=tmp_path / "R",
                              overrides={"vocab_size": 300})
     with pytest.raises(TrainError, match=r"half-model \(half-dist\) builds a model without loss, token_logprobs, "
@@ -327,21 +334,19 @@ def _build_staged(config, tokenizer):
     return Staged()
 
 
+def staged_spec() -> dict:
+    return dict(name="staged", description="two stages", config_cls=StagedConfig, sizes={"micro": {"vocab_size": 300}},
+                build=_build_staged, stages=("1", "2"))
+
+
 def test_a_later_stage_continues_the_run_with_its_own_budget_record(fresh_registry, tmp_path):
     from safetensors.torch import load_file
 
-    from hmst_bench import ArchSpec, hookimpl, load_run
+    from hmst_bench import load_run
     from hmst_bench.train.loop import TrainError, TrainSettings, train
 
-    class Plugin:
-        @hookimpl
-        def register_architectures(self, register):
-            register(ArchSpec(name="staged", description="two stages", config_cls=StagedConfig,
-                              sizes={"micro": {"vocab_size": 300}}, build=_build_staged, stages=("1", "2")))
-
-    fresh_registry.add_plugin(Plugin(), name="staged")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    register_toy(fresh_registry, "staged", **staged_spec())
+    corpus = small_corpus(tmp_path)
     out = tmp_path / "R"
     first = train(TrainSettings(arch="staged", size="micro", budget="4e7", corpus=str(corpus), out=out, eval_every=1000))
     assert first["stage"] == "1" and first["status"] == "complete"
@@ -373,18 +378,10 @@ def torch_allclose(a, b):
 def test_interrupted_later_stage_resumes_exactly(fresh_registry, tmp_path):
     import shutil
 
-    from hmst_bench import ArchSpec, hookimpl
     from hmst_bench.train.loop import TrainSettings, train
 
-    class Plugin:
-        @hookimpl
-        def register_architectures(self, register):
-            register(ArchSpec(name="staged", description="two stages", config_cls=StagedConfig,
-                              sizes={"micro": {"vocab_size": 300}}, build=_build_staged, stages=("1", "2")))
-
-    fresh_registry.add_plugin(Plugin(), name="staged")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    register_toy(fresh_registry, "staged", **staged_spec())
+    corpus = small_corpus(tmp_path)
     train(TrainSettings(arch="staged", size="micro", budget="4e7", corpus=str(corpus), out=tmp_path / "A", eval_every=1000))
     shutil.copytree(tmp_path / "A", tmp_path / "B")
     stage2 = dict(stage="2", budget="1e8", overrides={"memory": True}, save_every=4, eval_every=1000)
@@ -428,21 +425,15 @@ def test_validation_loss_and_bits_per_byte_by_hand(fresh_registry, tmp_path):
 
     import numpy as np
 
-    from hmst_bench import ArchSpec, hookimpl
     from hmst_bench.data.corpora import load_corpus
     from hmst_bench.data.tokenizer import load_tokenizer
     from hmst_bench.data.tokens import encode_corpus
     from hmst_bench.train.loop import TrainSettings, train
 
-    class Plugin:
-        @hookimpl
-        def register_architectures(self, register):
-            register(ArchSpec(name="uniform", description="uniform", config_cls=NanConfig,
-                              sizes={"micro": {"vocab_size": 300}}, build=_build_uniform))
-
-    fresh_registry.add_plugin(Plugin(), name="uniform")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("".join(f"línea {i}: café ünïcode line of text\n" for i in range(600)))
+    register_toy(fresh_registry, "uniform",
+                 name="uniform", description="uniform",
+                 config_cls=NanConfig, sizes={"micro": {"vocab_size": 300}}, build=_build_uniform)
+    corpus = small_corpus(tmp_path, "".join(f"línea {i}: café ünïcode line of text\n" for i in range(600)))
     out = tmp_path / "R"
     info = train(TrainSettings(arch="uniform", size="micro", budget="256tok", corpus=str(corpus), out=out, eval_every=1000))
     tok = load_tokenizer(out)
@@ -498,18 +489,12 @@ def _build_counting(config, tokenizer):
 def test_flop_probe_leaves_buffers_untouched_and_refused_stage_keeps_the_run(fresh_registry, tmp_path):
     from safetensors.torch import load_file
 
-    from hmst_bench import ArchSpec, hookimpl
     from hmst_bench.train.loop import TrainError, TrainSettings, train
 
-    class Plugin:
-        @hookimpl
-        def register_architectures(self, register):
-            register(ArchSpec(name="counting", description="stateful", config_cls=NanConfig,
-                              sizes={"micro": {"vocab_size": 300}}, build=_build_counting, stages=("1", "2")))
-
-    fresh_registry.add_plugin(Plugin(), name="counting")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    register_toy(fresh_registry, "counting",
+                 name="counting", description="stateful",
+                 config_cls=NanConfig, sizes={"micro": {"vocab_size": 300}}, build=_build_counting, stages=("1", "2"))
+    corpus = small_corpus(tmp_path)
     out = tmp_path / "R"
     first = train(TrainSettings(arch="counting", size="micro", budget="1e7", corpus=str(corpus), out=out, eval_every=1000))
     assert int(load_file(out / "model.safetensors")["writes"]) == first["steps"]  # the probe's forward was undone
