@@ -45,25 +45,30 @@ QUIET = ("--eval-every", "100000")  # validate only at the end: keeps the runs a
 
 # ----------------------------------------------------------------------------- the distributions
 
-GOOD_FILES = {
-    "pyproject.toml": f"""
+
+def pyproject(dist: str, version: str, entry_point: str, package: str, extra: str = "") -> str:
+    """pyproject.toml of a throwaway distribution registering `package.plugin` as a plugin."""
+    return f"""
         [build-system]
         requires = ["setuptools>=64"]
         build-backend = "setuptools.build_meta"
 
         [project]
-        name = "{GOOD_DIST}"
-        version = "0.3.1"
-        description = "A third-party architecture for hmst-bench (test fixture)"
+        name = "{dist}"
+        version = "{version}"
         requires-python = ">=3.10"
-        dependencies = ["hmst-bench", "torch"]
+        {extra}
 
         [project.entry-points.hmst_bench]
-        {GOOD_EP} = "tp_bigram.plugin"
+        {entry_point} = "{package}.plugin"
 
         [tool.setuptools]
-        packages = ["tp_bigram"]
-        """,
+        packages = ["{package}"]
+        """
+
+
+GOOD_FILES = {
+    "pyproject.toml": pyproject(GOOD_DIST, "0.3.1", GOOD_EP, "tp_bigram", extra='dependencies = ["hmst-bench", "torch"]'),
     "tp_bigram/__init__.py": '"""A bigram + MLP language model plugged into hmst-bench."""\n',
     "tp_bigram/plugin.py": '''
         """Entry point: configs and ArchSpecs only. No torch here, so CLI start-up stays fast."""
@@ -174,7 +179,6 @@ GOOD_FILES = {
 
         import contextlib
 
-        from hmst_bench.budget import model_extra_flops
         from hmst_bench.train.loop import TrainError
 
 
@@ -208,8 +212,7 @@ GOOD_FILES = {
                             aux_sum[k] = aux_sum.get(k, 0.0) + float(v) / n
                     return total
 
-                loss, flops = ctx.meter.measure(work)
-                flops += sum(model_extra_flops(ctx.model, b) for b in batches) * ctx.meter.world_size
+                loss, flops = ctx.meter.measure(work, ctx.model, batches)  # summed over ranks, extra_flops included
                 ctx.optimizer_step(loss)
                 ctx.after_step(loss, aux_sum, flops=flops, tokens=tokens)
                 ctx.log(kind="measured", step_flops=flops, step_tokens=tokens)
@@ -217,22 +220,7 @@ GOOD_FILES = {
 }
 
 BROKEN_FILES = {
-    "pyproject.toml": f"""
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "{BROKEN_DIST}"
-        version = "0.0.1"
-        requires-python = ">=3.10"
-
-        [project.entry-points.hmst_bench]
-        {BROKEN_EP} = "tp_broken.plugin"
-
-        [tool.setuptools]
-        packages = ["tp_broken"]
-        """,
+    "pyproject.toml": pyproject(BROKEN_DIST, "0.0.1", BROKEN_EP, "tp_broken"),
     "tp_broken/__init__.py": "",
     "tp_broken/plugin.py": """
         raise ImportError("tp_broken needs libfrobnicate, which is not installed")
@@ -240,22 +228,7 @@ BROKEN_FILES = {
 }
 
 DUP_FILES = {
-    "pyproject.toml": f"""
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "{DUP_DIST}"
-        version = "1.0.0"
-        requires-python = ">=3.10"
-
-        [project.entry-points.hmst_bench]
-        {DUP_EP} = "tp_dup.plugin"
-
-        [tool.setuptools]
-        packages = ["tp_dup"]
-        """,
+    "pyproject.toml": pyproject(DUP_DIST, "1.0.0", DUP_EP, "tp_dup"),
     "tp_dup/__init__.py": "",
     "tp_dup/plugin.py": '''
         """Claims the name dense-llama, which hmst-bench-baselines already registers."""
