@@ -52,6 +52,9 @@ class LanguageModel(Protocol):
       of the same step) and at the top of the run directory for `load_run`.
     - `export(run_dir)`: extra copies in other formats for other tools (the dense baselines
       write RUN/hf/ with `save_pretrained`); never read back by hmst-bench.
+    - `score(input_ids, targets) -> (logprobs, is_argmax)`: `token_logprobs` plus, per position,
+      whether the target is the most likely token (lm-eval's `is_greedy`) from the same forward
+      pass; without it the evaluator asks `next_token_logprobs` once per continuation token.
     - `prepare(train_tokens)`: called once before a fresh run trains, with the packed training
       split (a 1-D int array), for state derived from the data (a Huffman tree from token
       counts); that state must then be saved and restored through the artifacts methods.
@@ -63,7 +66,9 @@ class LanguageModel(Protocol):
         """Training objective for `{"input_ids", "labels"}`; aux losses reported apart in the dict."""
 
     def token_logprobs(self, input_ids: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
-        """[B, T] exact log p(targets[:, t] | input_ids[:, :t+1])."""
+        """[B, T] exact log p(targets[:, t] | input_ids[:, :t+1]); 0 where the target is -100.
+        The evaluator right-pads rows to a common length with -100 targets at the padding, so a
+        position's log-prob must not depend on later tokens (any causal model satisfies this)."""
 
     def next_token_logprobs(self, input_ids: "torch.Tensor") -> "torch.Tensor":
         """[B, V] log-distribution of the token after the last position (cropped to the window)."""

@@ -4,8 +4,8 @@
 - `decode_loop`: the one generation loop every architecture shares (stop sequences, finished
   rows, max_new_tokens), driven by a per-architecture `step` function that may keep a KV cache;
 - `SoftmaxLM`: a base class for models with a full-vocabulary logits head; a subclass writes
-  `logits(input_ids)` and gets `loss`, `token_logprobs`, `next_token_logprobs` and an O(n^2)
-  cache-free `generate`; it overrides `decode_step` to add a KV cache.
+  `logits(input_ids, keep=None)` and gets `loss`, `score`, `token_logprobs`, `next_token_logprobs`
+  and an O(n^2) cache-free `generate`; it overrides `decode_step` to add a KV cache.
 
 Architectures whose head is not a softmax (a hierarchical softmax, say) implement the four
 methods themselves and still reuse `decode_loop`.
@@ -13,6 +13,7 @@ methods themselves and still reuse `decode_loop`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -110,12 +111,22 @@ def decode_loop(
 class SoftmaxLM(torch.nn.Module):
     """Base for models whose head gives logits over the whole vocabulary.
 
-    Subclasses set `self.max_seq_len` and implement `logits(input_ids) -> [B, T, V]`."""
+    Subclasses set `self.max_seq_len` and implement `logits(input_ids) -> [B, T, V]`, or better
+    `logits(input_ids, keep=None)`, where `keep`, when given, is a slice of positions: only those
+    need a head projection (the projection onto a large vocabulary is often the biggest single
+    cost of scoring). A `logits` without `keep` works too; its output is sliced afterwards."""
 
     max_seq_len: int
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids)")
+    def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids, keep=None)")
+
+    def _logits_at(self, input_ids: torch.Tensor, keep: slice) -> torch.Tensor:
+        takes_keep = type(self).__dict__.get("_logits_takes_keep")  # cached per class, not inherited
+        if takes_keep is None:
+            takes_keep = "keep" in inspect.signature(self.logits).parameters
+            type(self)._logits_takes_keep = takes_keep
+        return self.logits(input_ids, keep=keep) if takes_keep else self.logits(input_ids)[:, keep]
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         logits = self.logits(batch["input_ids"])
@@ -129,14 +140,31 @@ class SoftmaxLM(torch.nn.Module):
                 f"score longer text in windows (loglikelihood_rolling does)"
             )
 
-    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs [B, T], is-argmax [B, T]) of `targets`; positions whose target is -100 get
+        log-prob 0 and count as argmax, and the head runs only over the columns some row needs."""
         self._check_window(input_ids)
-        logp = torch.log_softmax(self.logits(input_ids).float(), dim=-1)
-        return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+        greedy = torch.ones(targets.shape, dtype=torch.bool, device=input_ids.device)
+        live_cols = (targets != IGNORE_INDEX).any(dim=0).nonzero()
+        if live_cols.numel() == 0:
+            return logprobs, greedy
+        span = slice(int(live_cols[0]), int(live_cols[-1]) + 1)
+        logp = torch.log_softmax(self._logits_at(input_ids, span).float(), dim=-1)
+        wanted = targets[:, span].to(logp.device)
+        live = wanted != IGNORE_INDEX
+        got = logp.gather(-1, wanted.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        logprobs[:, span] = got.masked_fill(~live, 0.0)
+        greedy[:, span] = (logp.argmax(dim=-1) == wanted) | ~live
+        return logprobs, greedy
+
+    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.score(input_ids, targets)[0]
 
     def next_token_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(input_ids[:, -self.max_seq_len :])
-        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+        window = input_ids[:, -self.max_seq_len :]
+        last = window.shape[1] - 1
+        return torch.log_softmax(self._logits_at(window, slice(last, last + 1))[:, -1].float(), dim=-1)
 
     def decode_step(self, new_tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         """Cache-free step: re-encode the last `max_seq_len` tokens every time (O(n^2))."""

@@ -9,7 +9,7 @@ transformers' KV cache) and writes a `save_pretrained` copy to `RUN/hf/` so that
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -24,8 +24,15 @@ class HFCausalLM(SoftmaxLM):
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=input_ids, use_cache=False).logits
+    def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
+        if keep is None:
+            return self.hf(input_ids=input_ids, use_cache=False).logits
+        # transformers projects only the kept positions onto the vocabulary
+        if keep.stop >= input_ids.shape[1]:
+            to_keep = input_ids.shape[1] - keep.start  # the last n positions: a view, no gather
+        else:
+            to_keep = torch.arange(keep.start, keep.stop, device=input_ids.device)
+        return self.hf(input_ids=input_ids, use_cache=False, logits_to_keep=to_keep).logits
 
     def decode_step(self, new_tokens: torch.Tensor, state: Any):
         """KV-cached step. Once the sequence outgrows the window the cache cannot be cropped
@@ -36,9 +43,9 @@ class HFCausalLM(SoftmaxLM):
         else:
             seq, past = torch.cat([state["seq"], new_tokens], dim=1), state["past"]
         if past is not None and seq.shape[1] <= self.max_seq_len:
-            out = self.hf(input_ids=new_tokens, past_key_values=past, use_cache=True)
+            out = self.hf(input_ids=new_tokens, past_key_values=past, use_cache=True, logits_to_keep=1)
         else:
-            out = self.hf(input_ids=seq[:, -self.max_seq_len :], use_cache=seq.shape[1] < self.max_seq_len)
+            out = self.hf(input_ids=seq[:, -self.max_seq_len :], use_cache=seq.shape[1] < self.max_seq_len, logits_to_keep=1)
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return logprobs, {"seq": seq, "past": out.past_key_values if seq.shape[1] < self.max_seq_len else None}
 

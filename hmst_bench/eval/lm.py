@@ -1,0 +1,262 @@
+"""The lm-evaluation-harness model adapter: any hmst-bench run directory as an lm-eval `LM`.
+
+Registered in lm-eval's model registry as `hmst-bench`, so both our `hmst-bench eval` and
+lm-eval's own CLI (`hmst-bench lm-eval --model hmst-bench --model_args run=DIR ...`) use it.
+Tokenisation, the empty-context prefix, context/continuation splitting, rolling windows and
+stop-sequence handling are lm-eval's own (`TemplateLM` and `lm_eval.models.utils`), so a
+dense baseline scores exactly as lm-eval's `HFLM` scores its `RUN/hf` copy. The model is only
+reached through the architecture contract (`hmst_bench.arch.LanguageModel`):
+
+- loglikelihood: requests are deduplicated; a one-token continuation is read off
+  `next_token_logprobs` of its context, so all the choices that share a context (A/B/C/D in
+  MMLU) cost one forward pass together; longer continuations are scored in right-padded
+  batches through `score` (or `token_logprobs`), sorted by length to keep padding small;
+- loglikelihood_rolling: lm-eval's disjoint rolling windows of the model's context length;
+- generate_until: the model's own `generate` (KV cache where it has one), with lm-eval's stop
+  strings checked on the decoded text as tokens arrive, greedy or sampled.
+
+Each answer is handed to lm-eval's cache hook as soon as it exists, so with `use_cache` an
+interrupted evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from hmst_bench.arch import IGNORE_INDEX
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def _batch_size(value: Any) -> int:
+    if value is None or str(value).startswith("auto"):
+        return DEFAULT_BATCH_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    return size
+
+
+@register_model("hmst-bench")
+class HmstBenchLM(TemplateLM):
+    """lm-eval model over a run directory (`run=DIR`) or an already loaded `hmst_bench.Run`."""
+
+    def __init__(
+        self,
+        run: Any = None,
+        device: Optional[str] = None,
+        batch_size: Any = None,
+        max_length: Optional[int] = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        from hmst_bench.train.rundir import Run, load_run
+
+        if run is None:
+            raise ValueError("the hmst-bench model needs a run directory: --model_args run=DIR")
+        if device in (None, "", "auto"):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.run = run if isinstance(run, Run) else load_run(run)
+        self.model = self.run.model.to(device).eval()
+        self.tokenizer = self.run.tokenizer
+        self._device = torch.device(device)
+        self.batch_size = _batch_size(batch_size)
+        window = int(self.model.max_seq_len)
+        self.max_length = min(int(max_length), window) if max_length else window
+        self.max_gen_toks = int(max_gen_toks)
+        self._score = getattr(self.model, "score", None)
+        # requests this process actually computed (the rest came from lm-eval's cache)
+        self.computed = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}
+
+    # ------------------------------------------------------------------ tokens
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # as HFLM: BOS when the tokenizer has one, else end-of-text
+        bos = self.tokenizer.bos_token_id
+        return self.eot_token_id if bos is None else bos
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ scoring
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation) or None, context_ids, continuation_ids)."""
+        results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
+        # what the model reads and which of the last positions are scored, as in HFLM: the
+        # whole sequence is cut to the window from the left, the final token is never input
+        jobs: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            if not continuation or len(continuation) > self.max_length:
+                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored in a {self.max_length}-token window")
+            whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
+            key = (tuple(whole[:-1]), tuple(whole[-len(continuation) :]))
+            jobs.setdefault(key, []).append(i)
+
+        single = [k for k in jobs if len(k[1]) == 1]
+        multi = [k for k in jobs if len(k[1]) > 1]
+        progress = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm)
+
+        def finish(key, answer):
+            for i in jobs[key]:
+                results[i] = answer
+                if requests[i][0] is not None:  # None: a rolling window, cached as a whole text
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                    self.computed["loglikelihood"] += 1
+            progress.update(len(jobs[key]))
+
+        # one-token continuations: one next-token distribution per distinct context
+        contexts: dict[tuple[int, ...], list] = {}
+        for key in single:
+            contexts.setdefault(key[0], []).append(key)
+        ordered = sorted(contexts, key=len, reverse=True)
+        for start in range(0, len(ordered), self.batch_size):
+            chunk = ordered[start : start + self.batch_size]
+            for ctx, dist in zip(chunk, self._next_token_logprobs(chunk)):
+                best = int(dist.argmax())
+                for key in contexts[ctx]:
+                    token = key[1][0]
+                    finish(key, (float(dist[token]), best == token))
+
+        # longer continuations: right-padded batches, scored at the continuation only
+        multi.sort(key=lambda k: len(k[0]), reverse=True)
+        for start in range(0, len(multi), self.batch_size):
+            chunk = multi[start : start + self.batch_size]
+            for key, answer in zip(chunk, self._score_continuations(chunk)):
+                finish(key, answer)
+        progress.close()
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _next_token_logprobs(self, contexts: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Next-token log-distributions, batching contexts of equal length (the contract has no
+        padding for `next_token_logprobs`)."""
+        out: dict[int, torch.Tensor] = {}
+        by_len: dict[int, list[int]] = {}
+        for j, ctx in enumerate(contexts):
+            by_len.setdefault(len(ctx), []).append(j)
+        for idx in by_len.values():
+            ids = torch.tensor([contexts[j] for j in idx], dtype=torch.long, device=self.device)
+            dists = self.model.next_token_logprobs(ids).float().cpu()
+            out.update(zip(idx, dists))
+        return [out[j] for j in range(len(contexts))]
+
+    @torch.no_grad()
+    def _score_continuations(self, keys) -> list[tuple[float, bool]]:
+        width = max(len(inp) for inp, _ in keys)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        ids = torch.full((len(keys), width), pad, dtype=torch.long)
+        targets = torch.full((len(keys), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (inp, cont) in enumerate(keys):
+            ids[row, : len(inp)] = torch.tensor(inp)
+            targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont)
+        ids, targets = ids.to(self.device), targets.to(self.device)
+        if self._score is not None:
+            logprobs, greedy = self._score(ids, targets)
+        else:
+            logprobs, greedy = self.model.token_logprobs(ids, targets), None
+        logprobs = logprobs.float().cpu()
+        answers = []
+        for row, (inp, cont) in enumerate(keys):
+            span = slice(len(inp) - len(cont), len(inp))
+            total = float(logprobs[row, span].sum())
+            if greedy is not None:
+                is_greedy = bool(greedy[row, span].all())
+            else:
+                is_greedy = self._greedy_by_steps(inp, cont)
+            answers.append((total, is_greedy))
+        return answers
+
+    def _greedy_by_steps(self, inp, cont) -> bool:
+        """is_greedy for a model without `score`: one next-token distribution per token."""
+        prefix_len = len(inp) - len(cont) + 1
+        for k, token in enumerate(cont):
+            ids = torch.tensor([inp[: prefix_len + k]], dtype=torch.long, device=self.device)
+            if int(self.model.next_token_logprobs(ids)[0].argmax()) != token:
+                return False
+        return True
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owners = [], []
+        for i, (text,) in enumerate(req.args for req in requests):
+            tokens = self.tok_encode(text)
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, context_len=1),
+            ):
+                windows.append((None, context, continuation))
+                owners.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for i, (ll, _) in zip(owners, scores):
+            totals[i] += ll
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+            self.computed["loglikelihood_rolling"] += 1
+        return totals
+
+    # ------------------------------------------------------------------ generation
+
+    def _stop_when(self, until: list[str]):
+        """A `generate` stop callable: fires (keeping every token) once the decoded new text
+        contains a stop string; the text is cut at the string afterwards."""
+
+        def check(tokens: list[int]):
+            text = self.tok_decode(tokens, skip_special_tokens=False)
+            return any(s and s in text for s in until)
+
+        return check
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        out: list[str] = []
+        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen_toks = int(kwargs.pop("max_gen_toks"))
+            if max_gen_toks >= self.max_length:
+                raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in a {self.max_length}-token window")
+            do_sample = bool(kwargs.get("do_sample"))
+            temperature = float(kwargs.get("temperature") or 0.0) if do_sample else 0.0
+            if do_sample and temperature <= 0:
+                temperature = 1.0
+            top_p = float(kwargs.get("top_p") or 1.0) if do_sample else 1.0
+            ids = self.tok_encode(context)[-(self.max_length - max_gen_toks) :] or [self.prefix_token_id]
+            tokens = self.model.generate(
+                torch.tensor([ids], dtype=torch.long, device=self.device),
+                max_gen_toks,
+                temperature=temperature,
+                top_p=top_p,
+                stop=[self.eot_token_id, self._stop_when(until)],
+            )[0]
+            text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", req.args, text)
+            self.computed["generate_until"] += 1
+        return out

@@ -1,0 +1,136 @@
+"""The lm-eval adapter (`hmst-bench` model) against lm-eval's own HFLM on the same weights:
+identical log-likelihoods and greedy flags, rolling windows, greedy generations with stop
+strings; the cache hook makes an interrupted evaluation resume; registry and arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """A dense-llama micro run (window 64) trained for a few steps, with its RUN/hf copy."""
+    out = tmp_path_factory.mktemp("eval-lm") / "run"
+    run_cli("train", "--arch", "dense-llama", "--size", "micro", "--budget", "2e10", "--seq-len", "64",
+            "--corpus", "synthetic-facts", "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(dense_run):
+    from hmst_bench.eval.lm import HmstBenchLM
+
+    return HmstBenchLM(run=str(dense_run), device="cpu", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def hflm(dense_run):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(dense_run / "hf"), device="cpu", batch_size=4, max_length=64)
+
+
+def requests(kind, args):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+LL_ARGS = [
+    ("Githstin Datoth was born in", " Vyndum"),
+    ("Githstin Datoth was born in", " Vyndum in 1821."),
+    ("Githstin Datoth was born in ", "the city"),  # trailing space moves to the continuation
+    ("Question: where?\nAnswer:", " A"),
+    ("Question: where?\nAnswer:", " B"),
+    ("Question: where?\nAnswer:", " C"),
+    ("", "An empty context is scored after the prefix token."),
+    ("x " * 80, " beyond the window"),  # the context is cut from the left to the window
+]
+
+
+def test_registered_in_lm_eval():
+    import lm_eval.api.registry as registry
+
+    from hmst_bench.eval.lm import HmstBenchLM
+
+    assert registry.get_model("hmst-bench") is HmstBenchLM
+
+
+def test_loglikelihood_equals_hflm(ours, hflm):
+    a = ours.loglikelihood(requests("loglikelihood", LL_ARGS), disable_tqdm=True)
+    b = hflm.loglikelihood(requests("loglikelihood", LL_ARGS), disable_tqdm=True)
+    for (ll_a, g_a), (ll_b, g_b) in zip(a, b):
+        assert ll_a == pytest.approx(ll_b, abs=1e-4)
+        assert g_a == g_b
+    assert all(ll < 0 for ll, _ in a)
+
+
+def test_loglikelihood_of_a_greedy_continuation_is_flagged(ours):
+    context = "Githstin Datoth was born in"
+    ids = torch.tensor([ours.tok_encode(context)])
+    greedy = ours.model.generate(ids, 3)[0]
+    continuation = ours.tok_decode(greedy)
+    # only meaningful if the text re-encodes to the same tokens
+    if ours.tok_encode(context + continuation)[len(ids[0]):] != greedy:
+        pytest.skip("greedy text does not re-tokenise to the same ids")
+    (ll, is_greedy), = ours.loglikelihood(requests("loglikelihood", [(context, continuation)]), disable_tqdm=True)
+    assert is_greedy and ll < 0
+
+
+def test_rolling_equals_hflm(ours, hflm):
+    text = ["Githstin Datoth was born in Vyndum in 1821. " * 12, "short"]
+    a = ours.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in text]), disable_tqdm=True)
+    b = hflm.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in text]), disable_tqdm=True)
+    assert len(ours.tok_encode(text[0])) > 64  # several windows
+    assert a == pytest.approx(b, abs=1e-3)
+
+
+def test_greedy_generation_equals_hflm(ours, hflm):
+    args = [
+        ("Githstin Datoth was born in", {"until": ["\n"], "max_gen_toks": 12, "do_sample": False}),
+        ("Question: Who founded Vyndum?\nAnswer:", {"until": ["Question:", "."], "max_gen_toks": 20, "do_sample": False}),
+        ("The", {"until": [], "max_gen_toks": 5, "temperature": 0.0}),
+    ]
+    a = ours.generate_until(requests("generate_until", args), disable_tqdm=True)
+    b = hflm.generate_until(requests("generate_until", args), disable_tqdm=True)
+    assert a == b
+    assert all("Question:" not in s for s in a)
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(ours):
+    args = [("Githstin Datoth was born in", {"until": [], "max_gen_toks": 16, "do_sample": True, "temperature": 1.5})]
+    torch.manual_seed(0)
+    first = ours.generate_until(requests("generate_until", args), disable_tqdm=True)
+    torch.manual_seed(0)
+    again = ours.generate_until(requests("generate_until", args), disable_tqdm=True)
+    greedy = ours.generate_until(requests("generate_until", [(args[0][0], {"until": [], "max_gen_toks": 16})]), disable_tqdm=True)
+    assert first == again and first != greedy
+
+
+def test_request_cache_resumes_an_interrupted_evaluation(dense_run, tmp_path):
+    from lm_eval.api.model import CachingLM
+
+    from hmst_bench.eval.lm import HmstBenchLM
+
+    lm = HmstBenchLM(run=str(dense_run), batch_size=2)
+    cached = CachingLM(lm, str(tmp_path / "cache.db"))
+    first = cached.loglikelihood(requests("loglikelihood", LL_ARGS[:3]))
+    assert lm.computed["loglikelihood"] == 3
+    lm.computed["loglikelihood"] = 0
+    again = CachingLM(lm, str(tmp_path / "cache.db")).loglikelihood(requests("loglikelihood", LL_ARGS[:5]))
+    assert lm.computed["loglikelihood"] == 2  # only the two new requests ran
+    assert again[:3] == first
+
+
+def test_bad_arguments_are_one_line(dense_run, tmp_path):
+    from hmst_bench.eval.lm import HmstBenchLM
+    from hmst_bench.train.rundir import RunError
+
+    with pytest.raises(ValueError, match="batch_size must be"):
+        HmstBenchLM(run=str(dense_run), batch_size="many")
+    with pytest.raises(ValueError, match="needs a run directory"):
+        HmstBenchLM()
+    with pytest.raises(RunError, match="not a run directory"):
+        HmstBenchLM(run=str(tmp_path))
