@@ -410,6 +410,93 @@ def data_list(as_json: bool) -> None:
     err.print(table)
 
 
+@cli.command("eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to evaluate.")
+@click.option("--suite", "suites", required=True, help="Suite name(s), comma-separated (`hmst-bench list suites`).")
+@click.option("--limit", type=int, help="Evaluate only the first N documents of each task.")
+@click.option("--num-fewshot", type=int, help="Override every task's few-shot count.")
+@click.option("--batch-size", type=int, help="Sequences per forward pass [default: 32].")
+@click.option("--seed", type=int, help="Set lm-eval's four seeds to N [default: lm-eval's 0, 1234, 1234, 1234].")
+@click.option("--device", help="cpu, cuda, cuda:1, ... [default: cuda when available].")
+@click.option("--no-cache", is_flag=True, help="Ignore and do not fill RUN/eval/cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics and provenance as JSON to stdout.")
+def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_cache, as_json) -> None:
+    """Evaluate a run on standard suites through lm-evaluation-harness; writes RUN/eval/<suite>.json.
+
+    Benchmark data comes from the local store (`hmst-bench data import NAME PATH`); answers are
+    cached per run and weights, so an interrupted evaluation resumes and a repeated one is instant."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-stage bars; we show our own status
+    from hmst_bench.eval.runner import EvalError, evaluate, resolve_suites, summary_rows
+    from hmst_bench.eval.store import StoreError
+    from hmst_bench.train.rundir import RunError
+
+    for name, value, low in (("--limit", limit, 1), ("--num-fewshot", num_fewshot, 0), ("--batch-size", batch_size, 1)):
+        if value is not None and value < low:
+            raise click.ClickException(f"{name} must be at least {low}, got {value}")
+    names = [n.strip() for n in suites.split(",") if n.strip()]
+    done = []
+
+    def report(record: dict) -> None:
+        path = run_dir / "eval" / f"{record['suite']}.json"
+        _print_eval_table(record, path)
+        done.append({"suite": record["suite"], "file": str(path), "metrics": summary_rows(record),
+                     "provenance": record["provenance"]})
+
+    try:
+        chosen = resolve_suites(names, _registry().suites())
+        with err.status(f"evaluating {', '.join(s.name for s in chosen)} on {run_dir}", spinner="dots"):
+            evaluate(run_dir, chosen, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
+                     device=device, use_cache=not no_cache, on_suite=report, progress=False)
+    except (EvalError, StoreError, RunError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        _emit_json(done)
+
+
+def _print_eval_table(record: dict, path: Path) -> None:
+    from rich.table import Table
+
+    from hmst_bench.eval.runner import summary_rows
+
+    prov = record["provenance"]
+    table = Table(title=f"{record['suite']}  ({prov['arch']}, limit {prov['limit'] or 'none'})")
+    for col, justify in (("task", "left"), ("metric", "left"), ("filter", "left"), ("n-shot", "right"),
+                         ("n", "right"), ("value", "right"), ("± stderr", "right")):
+        table.add_column(col, justify=justify)
+    for row in summary_rows(record):
+        table.add_row(row["task"], row["metric"], row["filter"], "-" if row["n_shot"] is None else str(row["n_shot"]),
+                      "-" if row["n"] is None else str(row["n"]), f"{row['value']:.4f}",
+                      "-" if row["stderr"] is None else f"{row['stderr']:.4f}")
+    err.print(table)
+    req = prov["requests"]
+    err.print(f"{req['total']:,} requests, {req['from_cache']:,} from the cache, {prov['seconds']:.1f} s; wrote {path}",
+              highlight=False, soft_wrap=True)
+
+
+@cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                          "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval_cmd(args) -> None:
+    """Run lm-evaluation-harness's own CLI with the `hmst-bench` model and our suites available.
+
+    e.g. hmst-bench lm-eval --model hmst-bench --model_args run=RUN --tasks mmlu --limit 10
+    Our suite configs (reading the local store) take precedence over lm-eval's tasks of the same
+    name unless you pass --include_path yourself. `hmst-bench lm-eval --help` shows lm-eval's help."""
+    import hmst_bench.eval.lm  # noqa: F401  (registers the model with lm-eval)
+    import hmst_bench_suites
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = list(args)
+    wants_help = bool({"-h", "--help"} & set(argv))
+    given = any(a == "--include_path" or a.startswith("--include_path=") for a in argv)
+    if argv and not wants_help and not given and (argv[0] in {"run", "ls", "validate"} or argv[0].startswith("-")):
+        argv += ["--include_path", str(hmst_bench_suites.HERE)]
+    sys.argv = ["lm-eval", *argv]
+    cli_evaluate()
+
+
 def main() -> None:
     """Console entry point: plugin commands are added before click parses the command line."""
     from hmst_bench.plugins import PluginLoadError, get_registry

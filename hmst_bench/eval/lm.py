@@ -13,7 +13,8 @@ reached through the architecture contract (`hmst_bench.arch.LanguageModel`):
   batches through `score` (or `token_logprobs`), sorted by length to keep padding small;
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of the model's context length;
 - generate_until: the model's own `generate` (KV cache where it has one), with lm-eval's stop
-  strings checked on the decoded text as tokens arrive, greedy or sampled.
+  strings checked on the decoded text as tokens arrive, greedy or sampled; the prompt is cut
+  from the left to leave room for `max_gen_toks` (see `_prompt_room` for short windows).
 
 Each answer is handed to lm-eval's cache hook as soon as it exists, so with `use_cache` an
 interrupted evaluation resumes where it stopped.
@@ -59,6 +60,7 @@ class HmstBenchLM(TemplateLM):
         batch_size: Any = None,
         max_length: Optional[int] = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        progress: bool = True,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -76,6 +78,7 @@ class HmstBenchLM(TemplateLM):
         window = int(self.model.max_seq_len)
         self.max_length = min(int(max_length), window) if max_length else window
         self.max_gen_toks = int(max_gen_toks)
+        self.progress = progress  # False: no tqdm bars (our CLI shows its own status)
         self._score = getattr(self.model, "score", None)
         # requests this process actually computed (the rest came from lm-eval's cache)
         self.computed = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}
@@ -103,6 +106,9 @@ class HmstBenchLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ scoring
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) or None, context_ids, continuation_ids)."""
@@ -210,7 +216,7 @@ class HmstBenchLM(TemplateLM):
             ):
                 windows.append((None, context, continuation))
                 owners.append(i)
-        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm or not self.progress)
         totals = [0.0] * len(requests)
         for i, (ll, _) in zip(owners, scores):
             totals[i] += ll
@@ -220,6 +226,13 @@ class HmstBenchLM(TemplateLM):
         return totals
 
     # ------------------------------------------------------------------ generation
+
+    def _prompt_room(self, max_gen_toks: int) -> int:
+        """How many prompt tokens to keep (from the right). As HFLM when prompt and answer fit in
+        the window; a window too short for `max_gen_toks` (HFLM refuses it) keeps the last half
+        window of prompt and generates on past the window, which every model's `generate` does
+        exactly by sliding it."""
+        return max(self.max_length - max_gen_toks, self.max_length // 2)
 
     def _stop_when(self, until: list[str]):
         """A `generate` stop callable: fires (keeping every token) once the decoded new text
@@ -235,19 +248,17 @@ class HmstBenchLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         out: list[str] = []
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
             context, gen_kwargs = req.args
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_gen_toks = int(kwargs.pop("max_gen_toks"))
-            if max_gen_toks >= self.max_length:
-                raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in a {self.max_length}-token window")
             do_sample = bool(kwargs.get("do_sample"))
             temperature = float(kwargs.get("temperature") or 0.0) if do_sample else 0.0
             if do_sample and temperature <= 0:
                 temperature = 1.0
             top_p = float(kwargs.get("top_p") or 1.0) if do_sample else 1.0
-            ids = self.tok_encode(context)[-(self.max_length - max_gen_toks) :] or [self.prefix_token_id]
+            ids = self.tok_encode(context)[-self._prompt_room(max_gen_toks) :] or [self.prefix_token_id]
             tokens = self.model.generate(
                 torch.tensor([ids], dtype=torch.long, device=self.device),
                 max_gen_toks,

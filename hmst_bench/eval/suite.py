@@ -8,15 +8,19 @@ from typing import Sequence
 
 @dataclass(frozen=True)
 class SuiteSpec:
-    """One evaluation suite: a name for `--suite`, a line for `list suites`, and the lm-eval
-    task names it runs, with an optional folder of lm-eval task YAML configs that define them."""
+    """One evaluation suite: a name for `--suite`, a line for `list suites`, the lm-eval task
+    (or group) names it runs, the folder of lm-eval task YAML configs that defines them (None:
+    lm-eval's built-in tasks), and the benchmark-store datasets they read (`hmst-bench data`)."""
 
     name: str
     description: str
     tasks: Sequence[str] = ()
     task_dir: str | None = None
+    data: Sequence[str] = ()
     distribution: str = field(default="", compare=False)  # filled in by the registry
 
     def __post_init__(self) -> None:
         if not self.name or " " in self.name:
             raise ValueError(f"suite name {self.name!r} must be a non-empty word")
+        if not self.tasks:
+            raise ValueError(f"suite {self.name!r} names no lm-eval tasks")
