@@ -22,6 +22,7 @@ interrupted evaluation resumes where it stopped.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -70,6 +71,10 @@ class HmstBenchLM(TemplateLM):
             raise ValueError("the hmst-bench model needs a run directory: --model_args run=DIR")
         if device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI asks for cuda by default; like HFLM, run where we can
+            warnings.warn(f"device {device!r} is not available here; evaluating on the CPU")
+            device = "cpu"
         self.run = run if isinstance(run, Run) else load_run(run)
         self.model = self.run.model.to(device).eval()
         self.tokenizer = self.run.tokenizer
