@@ -378,23 +378,35 @@ def test_require_names_the_commands(home):
         store.lm_eval_dataset("gsm8k")
 
 
-def test_pull_stores_the_hub_rows_like_an_import(home, tmp_path, monkeypatch):
-    import datasets
+def test_pull_reads_the_hub_layout_through_datasets(home, tmp_path):
+    """`data pull` through the real `datasets` loader, offline: datasets resolves a hub id to a
+    local folder of that name when one exists, so a folder laid out as the openai/gsm8k hub
+    repository (parquet per split, configs in README.md) stands in for the hub."""
+    import os
+    import subprocess
+    import sys
 
+    import pandas as pd
+
+    gsm = _gsm8k(tmp_path / "gsm")
     with pytest.warns(StoreWarning):
-        imported = store.import_benchmark("gsm8k", _gsm8k(tmp_path / "gsm"))
-    hub = store.lm_eval_dataset("gsm8k")
-    calls = []
-
-    def load_dataset(path, name):
-        calls.append((path, name))
-        return hub
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.warns(StoreWarning):
-        pulled = store.pull_benchmark("gsm8k")
-    assert calls == [("openai/gsm8k", "main")]
+        imported = store.import_benchmark("gsm8k", gsm)
+    repo = tmp_path / "cwd" / "openai" / "gsm8k"
+    (repo / "main").mkdir(parents=True)
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (gsm / f"{split}.jsonl").read_text().splitlines()]
+        pd.DataFrame(rows).to_parquet(repo / "main" / f"{split}-00000-of-00001.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+        "  - split: test\n    path: main/test-*\n---\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), "HF_HOME": str(tmp_path / "hf-home")}
+    proc = subprocess.run([sys.executable, "-m", "hmst_bench.cli", "data", "pull", "gsm8k", "--json"],
+                          cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    pulled = json.loads(proc.stdout)
     assert pulled["source"] == "hub:openai/gsm8k" and pulled["sha256"] == imported["sha256"]
+    assert pulled["counts"] == imported["counts"]
 
 
 # ------------------------------------------------------------------------------- the CLI
