@@ -40,7 +40,7 @@ class LanguageModel(Protocol):
     """What every model built by an `ArchSpec` offers (it is also a `torch.nn.Module`).
 
     Conventions shared by all methods: `input_ids` is a LongTensor [B, T] of real tokens (no
-    padding inside a row); position t of `labels`/`targets` is the token that follows
+    padding before or between them; only `token_logprobs`/`score` may see rows right-padded); position t of `labels`/`targets` is the token that follows
     `input_ids[:, t]`, i.e. they are already shifted, and -100 marks a position to ignore.
 
     Optional methods the framework uses when present:
@@ -71,7 +71,9 @@ class LanguageModel(Protocol):
         position's log-prob must not depend on later tokens (any causal model satisfies this)."""
 
     def next_token_logprobs(self, input_ids: "torch.Tensor") -> "torch.Tensor":
-        """[B, V] log-distribution of the token after the last position (cropped to the window)."""
+        """[B, V] log-distribution of the token after the last position (cropped to the window).
+        A model may also accept `lengths` ([B] ints): rows right-padded, the distribution after
+        row b's first lengths[b] tokens; the evaluator then batches contexts of any length."""
 
     def generate(
         self,

@@ -161,10 +161,20 @@ class SoftmaxLM(torch.nn.Module):
     def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.score(input_ids, targets)[0]
 
-    def next_token_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        window = input_ids[:, -self.max_seq_len :]
-        last = window.shape[1] - 1
-        return torch.log_softmax(self._logits_at(window, slice(last, last + 1))[:, -1].float(), dim=-1)
+    def next_token_logprobs(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, V] after each row's last token. With `lengths`, rows are right-padded and row b's
+        distribution is the one after its first lengths[b] tokens (an evaluator's batch of
+        contexts of different lengths: one pass, the head run only where needed)."""
+        if lengths is None:
+            window = input_ids[:, -self.max_seq_len :]
+            last = window.shape[1] - 1
+            return torch.log_softmax(self._logits_at(window, slice(last, last + 1))[:, -1].float(), dim=-1)
+        self._check_window(input_ids)
+        last = lengths.to(input_ids.device).long() - 1
+        lo, hi = int(last.min()), int(last.max())
+        logits = self._logits_at(input_ids, slice(lo, hi + 1))
+        picked = logits[torch.arange(len(last), device=logits.device), last - lo]
+        return torch.log_softmax(picked.float(), dim=-1)
 
     def decode_step(self, new_tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         """Cache-free step: re-encode the last `max_seq_len` tokens every time (O(n^2))."""

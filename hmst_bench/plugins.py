@@ -71,7 +71,7 @@ class Registry:
         self.failures: list[PluginFailure] = []
         self._archs: dict[str, ArchSpec] = {}
         self._suites: dict[str, SuiteSpec] = {}
-        self._conflicts: dict[str, str] = {}  # arch/suite name -> error message
+        self._conflicts: dict[tuple[str, str], str] = {}  # (kind, name) -> error message
 
     # ------------------------------------------------------------------ loading
 
@@ -141,8 +141,8 @@ class Registry:
 
         spec = dataclasses.replace(spec, distribution=record.distribution)
         key = spec.name
-        if key in self._conflicts:
-            self._conflicts[key] += f", {record.distribution}"
+        if (kind, key) in self._conflicts:
+            self._conflicts[(kind, key)] += f", {record.distribution}"
             return
         if key in table:
             first = table.pop(key).distribution
@@ -150,7 +150,7 @@ class Registry:
                 f"{kind} {key!r} is registered by both {first} and {record.distribution}; "
                 f"uninstall one or choose with HMST_BENCH_PLUGINS"
             )
-            self._conflicts[key] = message
+            self._conflicts[(kind, key)] = message
             self._fail(record.name, record.distribution, message)
             return
         table[key] = spec
@@ -170,8 +170,8 @@ class Registry:
         return dict(sorted(self._suites.items()))
 
     def arch(self, name: str) -> ArchSpec:
-        if name in self._conflicts:
-            raise ArchitectureNotFound(self._conflicts[name])
+        if ("architecture", name) in self._conflicts:
+            raise ArchitectureNotFound(self._conflicts[("architecture", name)])
         if name not in self._archs:
             known = ", ".join(sorted(self._archs)) or "none (install a plugin, e.g. `pip install -e baselines`)"
             raise ArchitectureNotFound(f"unknown architecture {name!r}; known: {known}")

@@ -50,7 +50,7 @@ def test_eval_writes_result_files_in_lm_eval_format(evaluated):
             for row in rows:
                 assert {"doc_id", "arguments", "resps", "filtered_resps", "target"} <= set(row)
         prov = record["provenance"]
-        assert prov["limit"] == LIMIT and prov["weights_sha256"] and prov["config_hash"]
+        assert prov["limit"] == LIMIT and prov["weights_sha256"] and prov["model_sha256"] and prov["config_hash"]
         assert set(prov["versions"]) >= {"hmst-bench", "lm-eval", "torch"}
         assert all(len(d["sha256"]) == 64 for d in prov["data"].values())
         assert prov["requests"]["from_cache"] == 0 and prov["requests"]["total"] > 0

@@ -9,8 +9,9 @@ reached through the architecture contract (`hmst_bench.arch.LanguageModel`):
 
 - loglikelihood: requests are deduplicated; a one-token continuation is read off
   `next_token_logprobs` of its context, so all the choices that share a context (A/B/C/D in
-  MMLU) cost one forward pass together; longer continuations are scored in right-padded
-  batches through `score` (or `token_logprobs`), sorted by length to keep padding small;
+  MMLU) cost one row together, and contexts are batched (right-padded, when the model takes
+  `lengths`); longer continuations are scored in right-padded batches through `score` (or
+  `token_logprobs`), sorted by length to keep padding small;
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of the model's context length;
 - generate_until: the model's own `generate` (KV cache where it has one), with lm-eval's stop
   strings checked on the decoded text as tokens arrive, greedy or sampled; the prompt is cut
@@ -22,6 +23,7 @@ interrupted evaluation resumes where it stopped.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Optional
 
@@ -85,6 +87,7 @@ class HmstBenchLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.progress = progress  # False: no tqdm bars (our CLI shows its own status)
         self._score = getattr(self.model, "score", None)
+        self._ragged_next = "lengths" in inspect.signature(self.model.next_token_logprobs).parameters
         # requests this process actually computed (the rest came from lm-eval's cache)
         self.computed = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}
 
@@ -164,8 +167,12 @@ class HmstBenchLM(TemplateLM):
 
     @torch.no_grad()
     def _next_token_logprobs(self, contexts: list[tuple[int, ...]]) -> list[torch.Tensor]:
-        """Next-token log-distributions, batching contexts of equal length (the contract has no
-        padding for `next_token_logprobs`)."""
+        """Next-token log-distributions after each context: one right-padded batch when the
+        model's `next_token_logprobs` takes `lengths`, else batches of equal-length contexts."""
+        if self._ragged_next:
+            ids = self._right_padded(contexts)
+            lengths = torch.tensor([len(c) for c in contexts], device=self.device)
+            return list(self.model.next_token_logprobs(ids, lengths=lengths).float().cpu())
         out: dict[int, torch.Tensor] = {}
         by_len: dict[int, list[int]] = {}
         for j, ctx in enumerate(contexts):
@@ -176,16 +183,20 @@ class HmstBenchLM(TemplateLM):
             out.update(zip(idx, dists))
         return [out[j] for j in range(len(contexts))]
 
+    def _right_padded(self, rows) -> torch.Tensor:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        ids = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids.to(self.device)
+
     @torch.no_grad()
     def _score_continuations(self, keys) -> list[tuple[float, bool]]:
-        width = max(len(inp) for inp, _ in keys)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        ids = torch.full((len(keys), width), pad, dtype=torch.long)
-        targets = torch.full((len(keys), width), IGNORE_INDEX, dtype=torch.long)
+        ids = self._right_padded([inp for inp, _ in keys])
+        targets = torch.full(ids.shape, IGNORE_INDEX, dtype=torch.long)
         for row, (inp, cont) in enumerate(keys):
-            ids[row, : len(inp)] = torch.tensor(inp)
             targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont)
-        ids, targets = ids.to(self.device), targets.to(self.device)
+        targets = targets.to(self.device)
         if self._score is not None:
             logprobs, greedy = self._score(ids, targets)
         else:
@@ -233,11 +244,11 @@ class HmstBenchLM(TemplateLM):
     # ------------------------------------------------------------------ generation
 
     def _prompt_room(self, max_gen_toks: int) -> int:
-        """How many prompt tokens to keep (from the right). As HFLM when prompt and answer fit in
-        the window; a window too short for `max_gen_toks` (HFLM refuses it) keeps the last half
-        window of prompt and generates on past the window, which every model's `generate` does
-        exactly by sliding it."""
-        return max(self.max_length - max_gen_toks, self.max_length // 2)
+        """How many prompt tokens to keep (from the right): HFLM's `max_length - max_gen_toks`.
+        Where HFLM refuses (`max_gen_toks` fills the window), keep the last half window of
+        prompt and generate on past the window, which every model's `generate` does exactly."""
+        room = self.max_length - max_gen_toks
+        return room if room > 0 else self.max_length // 2
 
     def _stop_when(self, until: list[str]):
         """A `generate` stop callable: fires (keeping every token) once the decoded new text

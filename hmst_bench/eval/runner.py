@@ -4,8 +4,9 @@ For each suite: check that its benchmark data is in the store, build an lm-eval 
 over the suite configs (lm-eval's built-in task index is not scanned: our configs read the
 store and never the hub), and call `lm_eval.simple_evaluate` with the `hmst-bench` model
 (`hmst_bench.eval.lm`) wrapped in lm-eval's request cache. The cache lives in
-`RUN/eval/cache/` and is keyed by the weights' sha256, so an interrupted evaluation resumes and
-a repeated one is served from it, while a run trained further starts afresh.
+`RUN/eval/cache/` and is keyed by the sha256 of everything the model is loaded from (plus
+device, window and default generation length), so an interrupted evaluation resumes and a
+repeated one is served from it, while a run trained further starts afresh.
 
 `RUN/eval/<suite>.json` is written atomically and holds lm-eval's results, group results,
 configs, versions and n-shot, the per-sample log in lm-eval's samples format, and provenance.
@@ -59,14 +60,30 @@ def check_data(suites: Sequence[SuiteSpec]) -> dict[str, dict]:
     return manifests
 
 
-def weights_sha256(run_dir: Path) -> str:
-    from hmst_bench.train.rundir import WEIGHTS_FILE
-
-    digest = hashlib.sha256()
-    with open(run_dir / WEIGHTS_FILE, "rb") as fh:
+def _sha256(path: Path, digest=None):
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+# what a run directory holds besides the model itself: records, resume state, exports, results
+NOT_MODEL = {"run.json", "metrics.jsonl", "state", "eval", "hf"}
+
+
+def model_fingerprint(run_dir: Path) -> dict[str, str]:
+    """sha256 of the weights, and of everything the model is loaded from (weights, config,
+    tokenizer and the architecture's artifacts, e.g. a FAISS store): the cache key."""
+    from hmst_bench.train.rundir import WEIGHTS_FILE
+
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file()
+                   and p.relative_to(run_dir).parts[0] not in NOT_MODEL and not p.name.startswith("."))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(run_dir)).encode() + b"\0")
+        _sha256(path, digest)
+    return {"weights_sha256": _sha256(run_dir / WEIGHTS_FILE).hexdigest(), "model_sha256": digest.hexdigest()}
 
 
 def task_manager(suites: Sequence[SuiteSpec]):
@@ -117,8 +134,10 @@ def evaluate(
     manifests = check_data(suites)
     run = load_run(run_dir)
     lm = HmstBenchLM(run=run, device=device, batch_size=batch_size, progress=progress)
-    weights = weights_sha256(run_dir)
-    cache = run_dir / EVAL_DIR / CACHE_DIR / f"lm-{weights[:16]}"
+    fingerprint = model_fingerprint(run_dir)
+    # lm-eval keys each answer by the request; the file adds what else decides the answer
+    cache = run_dir / EVAL_DIR / CACHE_DIR / (
+        f"lm-{fingerprint['model_sha256'][:16]}-{lm.device.type}-w{lm.max_length}-g{lm.max_gen_toks}")
     seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4
     manager = task_manager(suites)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # our table reports; lm-eval's INFO is noise here
@@ -162,7 +181,8 @@ def evaluate(
                 "run": str(run_dir.resolve()),
                 "arch": run.info.get("arch"),
                 "config_hash": run.info.get("config_hash"),
-                "weights_sha256": weights,
+                **fingerprint,
+                "run_status": run.info.get("status"),
                 "steps": run.info.get("steps"),
                 "stage": run.info.get("stage"),
                 "data": {n: {"sha256": m.get("sha256"), "source": m.get("source")} for n, m in manifests.items()

@@ -872,4 +872,11 @@ def lm_eval_dataset(benchmark: str, subset: str | None = None, **_ignored) -> "d
             return datasets.Dataset.from_dict({key: [] for key in features}, features=features)
         return datasets.Dataset.from_list(records, features=features)
 
-    return datasets.DatasetDict({split: build(r) for split, r in parts.items()})
+    class StoredSplits(datasets.DatasetDict):
+        """A missing split (a suite's few-shot `train`, say) is a one-line StoreError, not a KeyError."""
+
+        def __missing__(self, split):
+            raise StoreError(f"{benchmark} in the store has no {split!r} split ({', '.join(self) or 'none'}); "
+                             f"import the files that hold it: `hmst-bench data import {benchmark} PATH` (PATH: {b.hint})")
+
+    return StoredSplits({split: build(r) for split, r in parts.items()})
