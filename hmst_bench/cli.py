@@ -102,6 +102,16 @@ def list_cmd(what: str, as_json: bool) -> None:
         return
     from rich.table import Table
 
+    if what == "suites":  # MMLU's 57 one-subject suites as one row (--json lists each)
+        from hmst_bench_suites import mmlu_subjects
+
+        names = {f"mmlu_{subject}" for subject in mmlu_subjects()}
+        subjects = [r for r in rows if r["name"] in names and r["distribution"] == "hmst-bench"]
+        if len(subjects) > 1:
+            rows = [r for r in rows if r not in subjects]
+            rows.append({"name": "mmlu_<subject>", "tasks": ["mmlu_<subject>"], "distribution": subjects[0]["distribution"],
+                         "description": f"one MMLU subject ({len(subjects)}: {subjects[0]['name'][5:]} ... "
+                                        f"{subjects[-1]['name'][5:]}; `list suites --json` names all)"})
     table = Table(title=f"hmst-bench {what}")
     for c in cols:
         table.add_column(c)
