@@ -108,7 +108,12 @@ def test_interrupted_evaluation_resumes_from_the_cache(evaluated, home, tmp_path
     monkeypatch.setattr(lm_module.HmstBenchLM, "__init__", init_with)
     with pytest.raises(KeyboardInterrupt):
         runner.evaluate(run, [suite], limit=LIMIT, batch_size=4, progress=False)
-    assert not (run / "eval" / "truthfulqa_mc2.json").exists()  # no half-written result
+    assert not (run / "eval" / "truthfulqa_mc2.json").exists()
+    from sqlitedict import SqliteDict
+
+    db, = (run / "eval" / "cache").glob("*.db")
+    with SqliteDict(str(db)) as kept:
+        assert len(kept) == 8  # the answers of the two batches that finished
     monkeypatch.setattr(lm_module.HmstBenchLM, "__init__", original_init)
     record, = runner.evaluate(run, [suite], limit=LIMIT, batch_size=4, progress=False)
     req = record["provenance"]["requests"]

@@ -188,6 +188,16 @@ def test_mmlu_layouts_give_identical_rows(home, tmp_path):
     assert len(digests) == 1
 
 
+def test_mmlu_header_csv_saved_with_a_bom(home, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "anatomy_dev.csv").write_text(
+        "\ufeffquestion,choice0,choice1,choice2,choice3,answer\nWhat is 1+1?,1,2,3,4,1\n", encoding="utf-8")
+    with pytest.warns(StoreWarning):
+        store.import_benchmark("mmlu", tmp_path / "in")
+    assert store.rows("mmlu", "anatomy", "dev") == [
+        {"question": "What is 1+1?", "subject": "anatomy", "choices": ["1", "2", "3", "4"], "answer": 1}]
+
+
 def test_mmlu_same_split_from_two_files(home, tmp_path):
     layouts = _write_mmlu_layouts(tmp_path)
     both = tmp_path / "both"
@@ -225,6 +235,13 @@ def _gsm8k(folder: Path, n_train: int = 3, n_test: int = 2) -> Path:
                        '"answer": "choice_b"}\n', 1, "missing key 'choice_d'"),
     ("mmlu_val.jsonl", '{"subject": "anatomy", "question": "q", "choice_a": "1", "choice_b": "2", "choice_c": "3", '
                        '"choice_d": "4", "answer": "choice_e"}\n', 1, "answer 'choice_e'"),
+    # a subject becomes a folder name: nothing that could leave the store
+    ("mmlu_val.jsonl", '{"subject": "../x", "question": "q", "choice_a": "1", "choice_b": "2", "choice_c": "3", '
+                       '"choice_d": "4", "answer": "choice_b"}\n', 1, "subject '../x' is not a subject name"),
+    ("mmlu_test.jsonl", '{"subject": "", "question": "q", "choices": ["1", "2", "3", "4"], "answer": 0}\n', 1,
+     "subject '' is not a subject name"),
+    ("mmlu_test.jsonl", '{"subject": "anatomy", "question": "q", "choices": 5, "answer": 0}\n', 1,
+     "'choices' must be a list of strings"),
 ])
 def test_mmlu_malformed_rows_name_file_and_line(home, tmp_path, filename, content, line, what):
     (tmp_path / "in").mkdir()

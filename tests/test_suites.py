@@ -189,4 +189,4 @@ def test_every_registered_suite_resolves_to_our_configs():
     for suite in suites.values():
         for task in suite.tasks:
             assert task in manager.all_tasks, (suite.name, task)
-            assert str(manager.task_index[task].yaml_path or "").startswith(str(suites_dir())) or task in manager.all_groups
+            assert str(manager.task_index[task].yaml_path).startswith(str(suites_dir())), (suite.name, task)

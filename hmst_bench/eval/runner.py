@@ -75,15 +75,16 @@ NOT_MODEL = {"run.json", "metrics.jsonl", "state", "eval", "hf"}
 def model_fingerprint(run_dir: Path) -> dict[str, str]:
     """sha256 of the weights, and of everything the model is loaded from (weights, config,
     tokenizer and the architecture's artifacts, e.g. a FAISS store): the cache key."""
-    from hmst_bench.train.rundir import WEIGHTS_FILE
+    from hmst_bench.train.rundir import weights_path
 
+    weights = weights_path(run_dir)
     files = sorted(p for p in run_dir.rglob("*") if p.is_file()
                    and p.relative_to(run_dir).parts[0] not in NOT_MODEL and not p.name.startswith("."))
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(run_dir)).encode() + b"\0")
         _sha256(path, digest)
-    return {"weights_sha256": _sha256(run_dir / WEIGHTS_FILE).hexdigest(), "model_sha256": digest.hexdigest()}
+    return {"weights_sha256": _sha256(weights).hexdigest(), "model_sha256": digest.hexdigest()}
 
 
 def task_manager(suites: Sequence[SuiteSpec]):
@@ -132,12 +133,18 @@ def evaluate(
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be at least 1, got {limit}")
     manifests = check_data(suites)
-    run = load_run(run_dir)
-    lm = HmstBenchLM(run=run, device=device, batch_size=batch_size, progress=progress)
     fingerprint = model_fingerprint(run_dir)
-    # lm-eval keys each answer by the request; the file adds what else decides the answer
+    run = load_run(run_dir)
+    if model_fingerprint(run_dir) != fingerprint:  # a training job checkpointed meanwhile
+        raise EvalError(f"{run_dir} changed while it was loading (is it still training?); evaluate it again")
+    lm = HmstBenchLM(run=run, device=device, batch_size=batch_size, progress=progress)
+    # lm-eval keys each answer by the request; the file name adds what else decides the answer:
+    # the model's files, the code that computes it, device, window and default generation length
+    code = hashlib.sha256(repr((_version("hmst-bench"), _version("lm_eval"), run.spec.distribution,
+                                _version(run.spec.distribution) if run.spec.distribution else None)).encode())
     cache = run_dir / EVAL_DIR / CACHE_DIR / (
-        f"lm-{fingerprint['model_sha256'][:16]}-{lm.device.type}-w{lm.max_length}-g{lm.max_gen_toks}")
+        f"lm-{fingerprint['model_sha256'][:16]}-{code.hexdigest()[:8]}-{lm.device.type}"
+        f"-w{lm.max_length}-g{lm.max_gen_toks}")
     seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4
     manager = task_manager(suites)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # our table reports; lm-eval's INFO is noise here

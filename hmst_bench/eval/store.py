@@ -9,7 +9,7 @@ Hugging Face hub (`cais/mmlu`, `truthfulqa/truthful_qa`, `openai/gsm8k`, ...), a
 
 `hmst-bench data pull NAME` stores the same rows fetched from the hub (online). An import is parsed
 completely before anything is written, then written into a temp folder that replaces the old copy
-in one rename: a malformed file (`FILE line N: what is wrong`) leaves an earlier copy untouched.
+(`util.atomic_dir`: old moved aside, new renamed in, old removed): a malformed file (`FILE line N: what is wrong`) leaves an earlier copy untouched.
 Row counts that differ from the canonical sizes warn (`StoreWarning`, also kept in the manifest);
 they do not fail, so a corrected or extended copy can still be used, visibly.
 
@@ -194,9 +194,10 @@ def _check_row(record: Any, schema: dict[str, str]) -> dict:
     missing = [k for k in schema if k not in record]
     if missing:
         raise _RowError(f"missing key {missing[0]!r} (a row needs {', '.join(schema)})")
-    if "choices" in schema and len(record["choices"]) != 4:
-        raise _RowError(f"expected 4 choices, found {len(record['choices'])}")
-    return {k: _check_value(k, kind, record[k]) for k, kind in schema.items()}
+    row = {k: _check_value(k, kind, record[k]) for k, kind in schema.items()}
+    if "choices" in schema and len(row["choices"]) != 4:
+        raise _RowError(f"expected 4 choices, found {len(row['choices'])}")
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ class _Sources:
         self.digests[rel] = hashlib.sha256(data).hexdigest()
         return data
 
-    def text(self, path: Path, encoding: str = "utf-8") -> str:
+    def text(self, path: Path, encoding: str = "utf-8-sig") -> str:
         data = self.read(path)
         if path.name.endswith(".gz"):
             try:
@@ -339,7 +340,8 @@ class _Imported:
 # ---------------------------------------------------------------------------------------------
 # MMLU: Hendrycks CSVs (headerless, answer letter), reformatted CSVs (header, answer 0-3), jsonl.
 
-_MMLU_CSV = re.compile(r"^(?P<subject>.+)_(?P<split>test|dev|val)\.csv$")
+_SUBJECT = re.compile(r"[a-z0-9_]+")  # a subject name becomes a folder name in the store
+_MMLU_CSV = re.compile(r"^(?P<subject>[a-z0-9_]+)_(?P<split>test|dev|val)\.csv$")
 _MMLU_CSV_SPLIT = {"test": "test", "dev": "dev", "val": "validation"}
 _LETTERS = "ABCD"
 _CHOICE_KEYS = ("choice_a", "choice_b", "choice_c", "choice_d")
@@ -394,6 +396,9 @@ def _mmlu_jsonl(path: Path, text: str) -> dict[str, list[dict]]:
     by_subject: dict[str, list[dict]] = {}
     for line, record in _jsonl(path, text):
         row = _checked(path, line, lambda: _mmlu_record(record), _MMLU_ROW)
+        if not _SUBJECT.fullmatch(row["subject"]):
+            raise StoreError(f"{path} line {line}: subject {row['subject']!r} is not a subject name "
+                             "(lower-case letters, digits and _)")
         by_subject.setdefault(row["subject"], []).append(row)
     return by_subject
 
@@ -415,7 +420,7 @@ def _import_mmlu(path: Path, src: _Sources) -> _Imported:
         if match:
             split = _MMLU_CSV_SPLIT[match["split"]]
             parsed = {match["subject"]: _mmlu_csv(f, src.text(f), match["subject"])}
-        elif f.name.endswith(".jsonl"):
+        elif f.name.endswith(".jsonl") and "train" not in f.name.lower():  # not the auxiliary training set
             split = _jsonl_split(f)
             parsed = _mmlu_jsonl(f, src.text(f))
         else:
@@ -521,7 +526,7 @@ def _import_truthfulqa(path: Path, src: _Sources) -> _Imported:
         data["multiple_choice"] = {"validation": _tqa_mc(f, src.text(f))}
     if "generation" in files:
         f = files["generation"]
-        data["generation"] = {"validation": _tqa_generation(f, src.text(f, "utf-8-sig"), warn)}
+        data["generation"] = {"validation": _tqa_generation(f, src.text(f), warn)}
     return _Imported(data, warn)
 
 

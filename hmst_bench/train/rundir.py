@@ -162,6 +162,14 @@ class Run:
     config: Any
 
 
+def weights_path(run_dir: str | Path) -> Path:
+    """RUN/model.safetensors, or RunError when the run has not checkpointed yet."""
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.exists():
+        raise RunError(f"{run_dir} has no {WEIGHTS_FILE}: the run never reached its first checkpoint")
+    return path
+
+
 def load_run(path: str | Path, device: str | None = None) -> Run:
     """Open a run directory: rebuild its architecture from run.json, load tokenizer and weights."""
     from hmst_bench.arch import config_from_dict
@@ -170,18 +178,23 @@ def load_run(path: str | Path, device: str | None = None) -> Run:
 
     path = Path(path)
     info = read_info(path)
-    if not (path / WEIGHTS_FILE).exists():
-        raise RunError(f"{path} has no {WEIGHTS_FILE}: the run never reached its first checkpoint")
+    weights = weights_path(path)
     try:
         spec = get_registry().arch(info["arch"])
     except ArchitectureNotFound as exc:
         raise RunError(f"{path} was trained with {info['arch']!r}, which is not available here: {exc}") from None
-    config = config_from_dict(spec.config_cls, info["config"])
-    tokenizer = load_tokenizer(path)
+    from hmst_bench.arch import ConfigError
+    from hmst_bench.data.tokenizer import TokenizerError
+
+    try:
+        config = config_from_dict(spec.config_cls, info["config"])
+        tokenizer = load_tokenizer(path)
+    except (ConfigError, TokenizerError) as exc:
+        raise RunError(f"{path}: {exc}") from None
     if len(tokenizer) != config.vocab_size:
         raise RunError(f"{path}: tokenizer has {len(tokenizer)} tokens but the config says {config.vocab_size}")
     model = spec.build(config, tokenizer)
-    load_weights(model, path / WEIGHTS_FILE)
+    load_weights(model, weights)
     if hasattr(model, "load_artifacts"):
         model.load_artifacts(path)
     if device:
