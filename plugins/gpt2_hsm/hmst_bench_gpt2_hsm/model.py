@@ -1,0 +1,118 @@
+"""GPT-2 (transformers' GPT2Model backbone) with the exact hierarchical-softmax head.
+
+Meets the model contract (`hmst_bench.arch.LanguageModel`) itself, since the head is not a
+softmax: `loss` and `token_logprobs` touch only each target's path; `score`,
+`next_token_logprobs` and generation use the full exact distribution. The Huffman tree is built
+in `prepare` from the training split's token counts and saved as an artifact (`hsm_tree.npz`)
+with every checkpoint; generation keeps GPT-2's KV cache. `decode="descent"` switches
+generation to the approximate tree descent (greedy only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from hmst_bench.arch import IGNORE_INDEX
+from hmst_bench.modeling import decode_loop
+from hmst_bench.util import atomic_save
+from hmst_bench_gpt2_hsm.head import HSMHead
+from hmst_bench_gpt2_hsm.tree import HuffmanTree, build_tree
+
+TREE_FILE = "hsm_tree.npz"
+
+
+class GPT2HSM(torch.nn.Module):
+    def __init__(self, config, tokenizer):
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        self.config = config
+        self.max_seq_len = config.max_seq_len
+        hf_config = GPT2Config(
+            vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.d_model,
+            n_layer=config.n_layers, n_head=config.n_heads, n_inner=4 * config.d_model,
+            resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+            layer_norm_epsilon=config.layer_norm_eps, initializer_range=config.init_std,
+            attn_implementation="sdpa", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        self.backbone = GPT2Model(hf_config)
+        self.head = HSMHead(config.d_model, config.vocab_size, config.init_std)
+
+    # ------------------------------------------------------------------ tree
+
+    def prepare(self, train_tokens) -> None:
+        counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=self.config.vocab_size)
+        self.head.set_tree(build_tree(counts[: self.config.vocab_size]))
+
+    def save_artifacts(self, run_dir) -> None:
+        atomic_save(Path(run_dir) / TREE_FILE, lambda p: np.savez(open(p, "wb"), **self.head.tree.to_arrays()))
+
+    def load_artifacts(self, run_dir) -> None:
+        path = Path(run_dir) / TREE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the Huffman tree of this gpt2-hsm run was not saved")
+        with np.load(path) as arrays:
+            self.head.set_tree(HuffmanTree.from_arrays(arrays))
+
+    # ------------------------------------------------------------------ contract
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"{input_ids.shape[1]} tokens exceed the model's window of {self.max_seq_len}")
+        return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        h = self.hidden(batch["input_ids"])
+        labels = batch["labels"]
+        live = labels != IGNORE_INDEX
+        return -self.head.path_logprobs(h[live], labels[live]).mean(), {}
+
+    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(input_ids)
+        live = targets != IGNORE_INDEX
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+        out[live] = self.head.path_logprobs(h[live], targets[live].to(h.device))
+        return out
+
+    def score(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.hidden(input_ids)
+        live = targets != IGNORE_INDEX
+        logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+        greedy = torch.ones(targets.shape, dtype=torch.bool, device=h.device)
+        wanted = targets[live].to(h.device)
+        logprobs[live] = self.head.path_logprobs(h[live], wanted)
+        greedy[live] = self.head.all_logprobs(h[live]).argmax(-1) == wanted
+        return logprobs, greedy
+
+    def next_token_logprobs(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if lengths is None:
+            h = self.hidden(input_ids[:, -self.max_seq_len :])[:, -1]
+        else:
+            last = lengths.to(input_ids.device).long() - 1
+            h = self.hidden(input_ids)[torch.arange(len(last), device=input_ids.device), last]
+        return self.head.all_logprobs(h)
+
+    def decode_step(self, new_tokens: torch.Tensor, state: Any):
+        """KV-cached step through the backbone; past the window, re-encode the last window."""
+        seq = new_tokens if state is None else torch.cat([state["seq"], new_tokens], dim=1)
+        past = None if state is None else state["past"]
+        if past is not None and seq.shape[1] <= self.max_seq_len:
+            out = self.backbone(input_ids=new_tokens, past_key_values=past, use_cache=True)
+        else:
+            out = self.backbone(input_ids=seq[:, -self.max_seq_len :], use_cache=seq.shape[1] < self.max_seq_len)
+        h = out.last_hidden_state[:, -1]
+        if self.config.decode == "descent":
+            tokens = self.head.descend(h)
+            logprobs = torch.full((h.shape[0], self.config.vocab_size), float("-inf"), device=h.device)
+            logprobs[torch.arange(h.shape[0]), tokens] = 0.0  # the descended token, chosen outright
+        else:
+            logprobs = self.head.all_logprobs(h)
+        return logprobs, {"seq": seq, "past": out.past_key_values if seq.shape[1] < self.max_seq_len else None}
+
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None):
+        return decode_loop(self.decode_step, input_ids, max_new_tokens, temperature, top_p, stop, generator)
