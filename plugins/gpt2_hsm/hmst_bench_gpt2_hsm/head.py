@@ -50,11 +50,34 @@ class HSMHead(torch.nn.Module):
         self._depth = nodes.shape[1]
         self._leaf0 = v - 1
 
-    def path_logprobs(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """[N] log p(tokens | h) for h [N, d]."""
+    def enable_prf(self, features: int, seed: int = 0) -> None:
+        """Estimate node logits with FAVOR+ random features (`prf`) in `path_logprobs` while
+        training; `omega` and the counters are in the state dict, so a resumed run redraws on
+        the same schedule and an evaluation sees the last features (it uses them only if asked)."""
+        self.prf_seed = seed
+        self.register_buffer("prf_omega", torch.zeros(features, self.weight.shape[1]))
+        self.register_buffer("prf_draws", torch.zeros((), dtype=torch.long))
+        self.register_buffer("prf_calls", torch.zeros((), dtype=torch.long))
+        self.redraw()
+
+    def redraw(self) -> None:
+        from hmst_bench_gpt2_hsm.prf import orthogonal_gaussian
+
+        g = torch.Generator().manual_seed(self.prf_seed * 1_000_003 + int(self.prf_draws))
+        self.prf_omega.copy_(orthogonal_gaussian(*self.prf_omega.shape, generator=g))
+        self.prf_draws += 1
+
+    def path_logprobs(self, h: torch.Tensor, tokens: torch.Tensor, approximate: bool = False) -> torch.Tensor:
+        """[N] log p(tokens | h) for h [N, d]; `approximate`: FAVOR+ node logits (needs enable_prf)."""
         nodes = self.path_nodes[tokens]  # [N, D]
         w = self.weight[nodes]  # [N, D, d]
-        logits = torch.bmm(w, h.unsqueeze(-1)).squeeze(-1) + self.bias[nodes]
+        if approximate:
+            from hmst_bench_gpt2_hsm.prf import log_features, log_kernel
+
+            logits = log_kernel(log_features(w, self.prf_omega), log_features(h, self.prf_omega).unsqueeze(1))
+            logits = logits + self.bias[nodes]
+        else:
+            logits = torch.bmm(w, h.unsqueeze(-1)).squeeze(-1) + self.bias[nodes]
         terms = F.logsigmoid(self.path_signs[tokens] * logits.float())
         return terms.masked_fill(~self.path_mask[tokens], 0.0).sum(-1)
 

@@ -42,6 +42,8 @@ class GPT2HSM(torch.nn.Module):
         )
         self.backbone = GPT2Model(hf_config)
         self.head = HSMHead(config.d_model, config.vocab_size, config.init_std)
+        if config.use_prf:
+            self.head.enable_prf(config.prf_features, seed=config.prf_seed)
 
     # ------------------------------------------------------------------ tree
 
@@ -70,7 +72,12 @@ class GPT2HSM(torch.nn.Module):
         h = self.hidden(batch["input_ids"])
         labels = batch["labels"]
         live = labels != IGNORE_INDEX
-        return -self.head.path_logprobs(h[live], labels[live]).mean(), {}
+        approximate = self.config.use_prf and self.training
+        if approximate:
+            self.head.prf_calls += 1
+            if int(self.head.prf_calls) % self.config.prf_redraw == 0:
+                self.head.redraw()  # fresh features every prf_redraw training forward passes
+        return -self.head.path_logprobs(h[live], labels[live], approximate=approximate).mean(), {}
 
     def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         h = self.hidden(input_ids)

@@ -23,6 +23,10 @@ class GPT2HSMConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     decode: str = "exact"  # "descent": approximate greedy tree descent when generating
+    use_prf: bool = False  # ablation: FAVOR+ estimate of the node sigmoids while training
+    prf_features: int = 64  # random features per estimate
+    prf_redraw: int = 100  # draw new features every this many training forward passes
+    prf_seed: int = 0
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -38,6 +42,10 @@ class GPT2HSMConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+        for name in ("prf_features", "prf_redraw"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.head_dim = self.d_model // self.n_heads
 
 

@@ -1,0 +1,88 @@
+"""The FAVOR+ ablation of the gpt2-hsm head: the random features estimate exp(w.h) without
+bias; the sigmoid built on that estimate is close to the exact one for small vectors and breaks
+down as their norms grow (the figures the README quotes come from `prf_bias_table`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hmst_bench_gpt2_hsm.prf import log_features, log_kernel, orthogonal_gaussian
+
+D = 64
+DRAWS = 60
+
+
+def prf_bias_table(norms=(0.5, 1.0, 3.0), features=(16, 256), draws=DRAWS):
+    """{(norm, m): (relative bias, std)}: (mean estimated sigmoid - exact) / min(exact, 1 - exact)
+    and the estimate's spread, for w, h of that norm (fixed directions, cosine about -0.3) over
+    `draws` independent feature draws."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+    u, v = u / u.norm(), (v - 0.3 * u) / (v - 0.3 * u).norm()
+    table = {}
+    for r in norms:
+        w, h = (u * r).float(), (v * r).float()
+        exact = torch.sigmoid(w @ h)
+        for m in features:
+            est = torch.stack([torch.sigmoid(log_kernel(log_features(w, om), log_features(h, om)))
+                               for om in (orthogonal_gaussian(m, D, torch.Generator().manual_seed(k)) for k in range(draws))])
+            table[(r, m)] = (float((est.mean() - exact) / min(exact, 1 - exact)), float(est.std()))
+    return table
+
+
+def test_features_are_unbiased_for_the_exponential():
+    """E[phi(w).phi(h)] = exp(w.h): the mean over many draws of the kernel estimate."""
+    g = torch.Generator().manual_seed(1)
+    w, h = torch.randn(D, generator=g) * 0.1, torch.randn(D, generator=g) * 0.1
+    est = torch.stack([log_kernel(log_features(w, om), log_features(h, om)).exp()
+                       for om in (orthogonal_gaussian(64, D, torch.Generator().manual_seed(k)) for k in range(400))])
+    standard_error = float(est.std()) / math.sqrt(len(est))
+    assert abs(float(est.mean()) - math.exp(float(w @ h))) < 4 * standard_error
+    assert (est > 0).all()  # positive features: the estimate is never negative
+
+
+def test_orthogonal_blocks():
+    om = orthogonal_gaussian(2 * D, D, torch.Generator().manual_seed(0)).double()
+    block = om[:D] / om[:D].norm(dim=1, keepdim=True)
+    assert torch.allclose(block @ block.t(), torch.eye(D, dtype=torch.float64), atol=1e-5)
+
+
+def test_sigmoid_bias_small_for_small_norms_and_breaks_down_for_large():
+    table = prf_bias_table()
+    assert abs(table[(0.5, 256)][0]) < 0.02 and abs(table[(0.5, 16)][0]) < 0.1
+    assert abs(table[(1.0, 256)][0]) < 0.1
+    for m in (16, 256):
+        assert table[(3.0, m)][0] < -0.4  # |w|, |h| ~ 3: the estimate collapses towards 0
+    assert table[(0.5, 256)][1] < table[(0.5, 16)][1]  # more features, less spread
+
+
+def test_prf_training_path_and_exact_evaluation():
+    """With use_prf the training loss uses the estimate and redraws on schedule; evaluation
+    (eval mode) is exact: the same numbers as the head without features."""
+    import dataclasses
+
+    from hmst_bench.plugins import get_registry
+
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    spec = get_registry().arch("gpt2-hsm")
+    config = dataclasses.replace(spec.make_config("micro", {"max_seq_len": 16, "use_prf": True, "prf_redraw": 2}),
+                                 vocab_size=50)
+    torch.manual_seed(0)
+    model = spec.build(config, Tok())
+    ids = torch.randint(3, 50, (2, 16))
+    batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
+    model.train()
+    first_omega = model.head.prf_omega.clone()
+    approx, _ = model.loss(batch)
+    model.loss(batch)  # the second training pass redraws
+    assert not torch.equal(first_omega, model.head.prf_omega) and int(model.head.prf_draws) == 2
+    model.eval()
+    exact, _ = model.loss(batch)
+    h = model.hidden(ids)
+    assert float(exact) == pytest.approx(float(-model.head.path_logprobs(h.flatten(0, 1), batch["labels"].flatten()).mean()), abs=1e-6)
+    assert float(approx) != pytest.approx(float(exact), abs=1e-6)
