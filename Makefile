@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	HMST_BENCH_SHARED_DATA="$(SHARED_DATA)" $(PY) benchmarks/eval_throughput.py
+	$(PY) benchmarks/hsm_head.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
