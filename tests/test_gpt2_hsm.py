@@ -1,0 +1,605 @@
+"""The gpt2-hsm architecture (issue 5, item 6): the Huffman tree (a hand-checked example, add-one
+smoothing, code length within one bit of the entropy), the exact hierarchical-softmax head (the
+full distribution sums to one at any norm, path and full log-probs agree, the loss gradient
+equals autograd through an explicit product of sigmoids), the model contract (causality,
+padding, ragged next-token batches, KV-cached generation, tree descent), save/load with the tree
+artifact, and a CLI run scored by the lm-eval adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, run_cli
+from hmst_bench_gpt2_hsm.head import HSMHead
+from hmst_bench_gpt2_hsm.tree import HuffmanTree, build_tree
+
+# ============================================================================== tree
+
+
+def depths_by_walking(tree: HuffmanTree) -> list[int]:
+    """Leaf depths found independently of `paths()`: a plain walk down from the root."""
+    v = tree.vocab_size
+    depth = [0] * v
+    stack = [(tree.root, 0)]
+    while stack:
+        node, d = stack.pop()
+        for child in (int(tree.left[node]), int(tree.right[node])):
+            if child >= v - 1:
+                depth[child - (v - 1)] = d + 1
+            else:
+                stack.append((child, d + 1))
+    return depth
+
+
+def zipf_counts(v: int, s: float = 1.1, top: float = 1e6) -> np.ndarray:
+    return (top / np.arange(1, v + 1) ** s).astype(np.int64)
+
+
+def test_hand_checked_tree():
+    # counts [5, 1, 1, 1] -> smoothed [6, 2, 2, 2]; leaves are nodes 3..6 (token t is node 3 + t).
+    # heap (weight, id): (6,3) (2,4) (2,5) (2,6)
+    #   merge 0: pop (2,4) (2,5)  -> left[0] = 4 (token 1), right[0] = 5 (token 2); push (4,0)
+    #   merge 1: pop (2,6) (4,0)  -> left[1] = 6 (token 3), right[1] = 0;           push (6,1)
+    #   merge 2: pop (6,1) (6,3)  -> left[2] = 1, right[2] = 3 (token 0)   (tie: id 1 < id 3)
+    # root 2.  token 0: 2 -R-> leaf                   nodes [2]      signs [-1]         depth 1
+    #          token 1: 2 -L-> 1 -R-> 0 -L-> leaf    nodes [2,1,0]  signs [+1,-1,+1]   depth 3
+    #          token 2: 2 -L-> 1 -R-> 0 -R-> leaf    nodes [2,1,0]  signs [+1,-1,-1]   depth 3
+    #          token 3: 2 -L-> 1 -L-> leaf           nodes [2,1]    signs [+1,+1]      depth 2
+    # expected code length (6*1 + 2*3 + 2*3 + 2*2) / 12 = 22/12; entropy 1/2 + 1/2 log2 6
+    tree = build_tree([5, 1, 1, 1])
+    assert tree.counts.tolist() == [6, 2, 2, 2]
+    assert tree.left.tolist() == [4, 6, 1] and tree.right.tolist() == [5, 0, 3]
+    assert tree.root == 2
+    nodes, signs, mask = tree.paths()
+    assert nodes.tolist() == [[2, 0, 0], [2, 1, 0], [2, 1, 0], [2, 1, 0]]
+    assert signs.tolist() == [[-1, 0, 0], [1, -1, 1], [1, -1, -1], [1, 1, 0]]
+    assert mask.tolist() == [[True, False, False], [True, True, True], [True, True, True], [True, True, False]]
+    assert mask.sum(1).tolist() == depths_by_walking(tree) == [1, 3, 3, 2]
+    assert [lvl.tolist() for lvl in tree.levels()] == [[2], [1], [0]]
+    assert tree.top_down() == [2, 1, 0]
+    assert tree.expected_code_length() == pytest.approx(22 / 12, abs=1e-12)
+    assert tree.entropy_bits() == pytest.approx(0.5 + 0.5 * math.log2(6), abs=1e-12)
+
+
+def test_add_one_smoothing_gives_every_token_a_leaf():
+    counts = np.zeros(50, dtype=np.int64)
+    counts[[3, 7, 8]] = [1000, 10, 1]  # 47 tokens never seen
+    tree = build_tree(counts)
+    assert tree.counts.tolist() == (counts + 1).tolist()
+    tree.check()
+    depth = depths_by_walking(tree)
+    _, _, mask = tree.paths()
+    assert all(d >= 1 for d in depth) and mask.sum(1).tolist() == depth
+    assert depth[3] == 1  # 1001 of 1107: the frequent token sits right under the root
+    two = build_tree(np.zeros(2, dtype=np.int64))  # V=2: one decision, leaves are nodes 1 and 2
+    assert (two.left.tolist(), two.right.tolist(), two.paths()[2].tolist()) == ([1], [2], [[True], [True]])
+    with pytest.raises(ValueError, match="at least two tokens"):
+        build_tree([7])
+
+
+def test_check_accepts_built_trees_and_rejects_broken_ones():
+    for counts in ([5, 1, 1, 1], [0, 0], zipf_counts(300), np.full(64, 3)):
+        tree = build_tree(counts)
+        tree.check()
+        HuffmanTree.from_arrays(tree.to_arrays())
+    t = build_tree([5, 1, 1, 1])  # left [4, 6, 1], right [5, 0, 3]
+    broken = [
+        (t.left.copy(), np.array([5, 0, 5])),  # leaf 5 twice, token 0 (node 3) has no parent
+        (np.array([4, 6, 2]), t.right.copy()),  # the root as a child of itself
+        (t.left[:2].copy(), t.right.copy()),  # too few internal nodes
+        (np.array([4, 6, 1]), np.array([5, 0, 7])),  # node 7 does not exist
+    ]
+    for left, right in broken:
+        bad = HuffmanTree(t.counts, left, right)
+        with pytest.raises(ValueError, match="not a binary tree"):
+            bad.check()
+        with pytest.raises(ValueError):
+            HuffmanTree.from_arrays(bad.to_arrays())
+
+
+@pytest.mark.xfail(strict=True, reason="tree.py HuffmanTree.check only counts children: a cycle that "
+                   "cuts leaves off the root passes, and paths() then fails with an IndexError")
+def test_check_rejects_a_cycle():
+    # V=4: root 2 -> (leaf 3, leaf 4); internal 0 -> (1, leaf 5); internal 1 -> (0, leaf 6).
+    # Every node but the root is a child exactly once, yet tokens 2 and 3 are unreachable.
+    bad = HuffmanTree(np.ones(4, dtype=np.int64), np.array([1, 0, 3]), np.array([5, 6, 4]))
+    with pytest.raises(ValueError):
+        bad.check()
+
+
+@pytest.mark.parametrize("name, counts", [
+    ("zipf-5000", zipf_counts(5000)),
+    ("uniform-5000", np.full(5000, 40)),
+    ("uniform-4096", np.full(4096, 40)),
+])
+def test_expected_code_length_within_one_bit_of_entropy(name, counts):
+    tree = build_tree(counts)
+    h, length = tree.entropy_bits(), tree.expected_code_length()
+    p = tree.counts / tree.counts.sum()  # the same figures computed here, from the smoothed counts
+    assert h == pytest.approx(float(-(p * np.log2(p)).sum()), rel=1e-12)
+    assert length == pytest.approx(float((p * np.array(depths_by_walking(tree))).sum()), rel=1e-12)
+    assert h <= length + 1e-12 and length < h + 1
+    if name == "uniform-4096":
+        assert length == 12.0  # a perfect binary tree
+    if name == "zipf-5000":
+        assert h < 9 < math.log2(5000)  # skewed counts: far shorter than a balanced tree's 12.3 bits
+
+
+def test_a_50k_vocabulary_builds():
+    tree = build_tree(zipf_counts(50_000, top=1e8))  # O(V log V) heap; no timing asserted
+    tree.check()
+    nodes, signs, mask = tree.paths()
+    assert nodes.shape == signs.shape == mask.shape and nodes.shape[0] == 50_000
+    assert mask[:, 0].all() and (nodes[:, 0] == tree.root).all()
+    assert tree.entropy_bits() <= tree.expected_code_length() < tree.entropy_bits() + 1
+
+
+def test_arrays_round_trip(tmp_path):
+    tree = build_tree(zipf_counts(777))
+    again = HuffmanTree.from_arrays(tree.to_arrays())
+    np.savez(tmp_path / "t.npz", **tree.to_arrays())
+    with np.load(tmp_path / "t.npz") as arrays:
+        from_file = HuffmanTree.from_arrays(arrays)
+    for other in (again, from_file):
+        for key in ("counts", "left", "right"):
+            assert np.array_equal(getattr(other, key), getattr(tree, key))
+            assert getattr(other, key).dtype == np.int64
+        for a, b in zip(other.paths(), tree.paths()):
+            assert np.array_equal(a, b)
+
+
+# ============================================================================== head
+
+
+def random_head(d: int, counts, seed: int = 0, dtype=torch.float32) -> HSMHead:
+    torch.manual_seed(seed)
+    head = HSMHead(d, len(counts))
+    head.set_tree(build_tree(counts))
+    with torch.no_grad():
+        head.weight.normal_(0, d ** -0.5)
+        head.bias.normal_()
+    return head.to(dtype)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0, 100.0])
+def test_full_distribution_sums_to_one(scale):
+    head = random_head(32, zipf_counts(1000, top=1e4))
+    h = torch.randn(16, 32, generator=torch.Generator().manual_seed(1)) * scale
+    with torch.no_grad():
+        lp = head.all_logprobs(h)
+    assert lp.shape == (16, 1000)
+    assert torch.isfinite(lp).all() and (lp <= 0).all()
+    assert torch.allclose(torch.logsumexp(lp.double(), -1), torch.zeros(16, dtype=torch.double), atol=1e-5)
+    assert torch.allclose(torch.logsumexp(lp, -1), torch.zeros(16), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_path_logprobs_equal_the_full_distribution(scale):
+    v, n = 37, 8
+    head = random_head(12, np.random.default_rng(0).integers(0, 50, v))
+    h = torch.randn(n, 12, generator=torch.Generator().manual_seed(2)) * scale
+    with torch.no_grad():
+        full = head.all_logprobs(h)  # [n, v]
+        paths = head.path_logprobs(h.repeat_interleave(v, 0), torch.arange(v).repeat(n)).view(n, v)
+    assert torch.allclose(paths, full, atol=1e-5, rtol=1e-6)
+
+
+def test_large_logits_stay_finite():
+    """Scale 100 gives node logits of several hundred: log(sigmoid(x)) would be -inf there."""
+    head = random_head(32, zipf_counts(500, top=1e4))
+    h = torch.randn(8, 32, generator=torch.Generator().manual_seed(3)) * 100
+    with torch.no_grad():
+        node_logits = h @ head.weight.t() + head.bias
+        assert torch.isinf(torch.log(torch.sigmoid(-node_logits.abs().max()))), "the test needs logits that underflow"
+        full = head.all_logprobs(h)
+        paths = head.path_logprobs(h.repeat_interleave(500, 0), torch.arange(500).repeat(8)).view(8, 500)
+    assert torch.isfinite(full).all() and torch.isfinite(paths).all()
+    assert full.min() < -1000  # really far out in the tail, and still finite
+    assert torch.allclose(paths, full, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(torch.logsumexp(full.double(), -1), torch.zeros(8, dtype=torch.double), atol=1e-5)
+
+
+def explicit_logprobs(tree: HuffmanTree, weight, bias, h):
+    """[N, V] log p built the slow way: for each token walk leaf -> root through parent links
+    taken from tree.left/right, multiplying sigmoid(+logit) for a left turn, sigmoid(-logit) for
+    a right one."""
+    v = tree.vocab_size
+    parent = {}
+    for n in range(v - 1):
+        parent[int(tree.left[n])] = (n, 1.0)
+        parent[int(tree.right[n])] = (n, -1.0)
+    columns = []
+    for token in range(v):
+        node, p = v - 1 + token, torch.ones(h.shape[0], dtype=h.dtype)
+        while node in parent:
+            n, sign = parent[node]
+            p = p * torch.sigmoid(sign * (h @ weight[n] + bias[n]))
+            node = n
+        assert node == tree.root
+        columns.append(p)
+    return torch.log(torch.stack(columns, 1))
+
+
+SMALL_COUNTS = [10, 5, 3, 2, 1, 1, 0]  # V=7, smoothed [11, 6, 4, 3, 2, 2, 1]: leaf depths 1 to 5
+TARGETS = torch.tensor([0, 3, 6, 2, 6, 1])
+
+
+def gradients(head, h, targets, explicit: bool):
+    head.zero_grad()
+    h = h.detach().clone().requires_grad_(True)
+    if explicit:
+        lp = explicit_logprobs(head.tree, head.weight, head.bias, h)[torch.arange(len(targets)), targets]
+    else:
+        lp = head.path_logprobs(h, targets)
+    (-lp.mean()).backward()
+    return head.weight.grad.clone(), head.bias.grad.clone(), h.grad.clone(), lp.detach()
+
+
+def test_loss_gradient_equals_explicit_construction():
+    head = random_head(5, SMALL_COUNTS, dtype=torch.float64)
+    assert depths_by_walking(head.tree) == [1, 3, 3, 3, 5, 4, 5]  # an unbalanced tree
+    h = torch.randn(len(TARGETS), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = explicit_logprobs(head.tree, head.weight, head.bias, h)
+        assert torch.allclose(ref.exp().sum(-1), torch.ones(len(h), dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(head.all_logprobs(h).double(), ref, atol=1e-6)
+    *want, lp_want = gradients(head, h, TARGETS, explicit=True)
+    *got, lp_got = gradients(head, h, TARGETS, explicit=False)
+    # the head rounds node logits to float32 (see the float64 test below), hence 1e-6 here
+    assert torch.allclose(lp_got.double(), lp_want, atol=1e-6)
+    for g, w in zip(got, want):
+        assert torch.allclose(g.double(), w, atol=1e-6, rtol=0)
+    assert (want[0].abs().sum(1) > 0).sum() >= 4  # many node rows receive gradient
+
+
+FLOAT32_CAST = ("head.py path_logprobs/all_logprobs call logits.float(), which rounds float64 node "
+                "logits to float32; use logits.to(torch.promote_types(logits.dtype, torch.float32))")
+
+
+@pytest.mark.xfail(strict=True, reason=FLOAT32_CAST)
+def test_loss_gradient_is_exact_in_float64():
+    head = random_head(5, SMALL_COUNTS, dtype=torch.float64)
+    h = torch.randn(len(TARGETS), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    *want, lp_want = gradients(head, h, TARGETS, explicit=True)
+    *got, lp_got = gradients(head, h, TARGETS, explicit=False)
+    assert lp_got.dtype == torch.float64 and torch.allclose(lp_got, lp_want, atol=1e-10, rtol=0)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-10, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason=FLOAT32_CAST)
+def test_gradcheck_path_logprobs():
+    head = random_head(5, SMALL_COUNTS, dtype=torch.float64)
+    h = torch.randn(len(TARGETS), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    weight = head.weight.detach().clone().requires_grad_(True)
+    bias = head.bias.detach().clone().requires_grad_(True)
+
+    class PathLogprobs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, h):
+            return self.head.path_logprobs(h, TARGETS)
+
+    def f(h, weight, bias):
+        return torch.func.functional_call(PathLogprobs(), {"head.weight": weight, "head.bias": bias}, (h,))
+
+    assert torch.autograd.gradcheck(f, (h, weight, bias))
+
+
+def explicit_descent(tree: HuffmanTree, weight, bias, h) -> list[int]:
+    v, out = tree.vocab_size, []
+    for row in h:
+        node = tree.root
+        while node < v - 1:
+            node = int(tree.left[node]) if float(weight[node] @ row + bias[node]) >= 0 else int(tree.right[node])
+        out.append(node - (v - 1))
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.3, 100.0])
+def test_descend_follows_the_likelier_branch(scale):
+    head = random_head(16, zipf_counts(300, top=1e4))
+    h = torch.randn(64, 16, generator=torch.Generator().manual_seed(6)) * scale
+    with torch.no_grad():
+        got = head.descend(h)
+        full = head.all_logprobs(h)
+    assert got.tolist() == explicit_descent(head.tree, head.weight.detach(), head.bias.detach(), h)
+    # a leaf holding more than half the mass is the argmax; at large norms that is the usual case
+    peaked = full.gather(1, got[:, None])[:, 0].exp() > 0.5
+    assert torch.equal(got[peaked], full.argmax(-1)[peaked])
+    if scale == 100.0:
+        assert peaked.float().mean() > 0.8
+
+
+# ============================================================================== model
+
+
+@pytest.fixture(scope="module")
+def corpus_data(bench_home):
+    from hmst_bench.data.corpora import load_corpus
+    from hmst_bench.data.tokenizer import train_tokenizer
+    from hmst_bench.data.tokens import encode_corpus
+
+    with pytest.MonkeyPatch.context() as mp:  # module fixtures start before the autouse home
+        mp.setenv("HMST_BENCH_HOME", str(bench_home))
+        corpus = load_corpus("synthetic-facts")
+        tok = train_tokenizer(corpus.split["train"], 512, cache_key=corpus.fingerprint)
+        return tok, encode_corpus(corpus, tok).train
+
+
+@pytest.fixture(scope="module")
+def tok(corpus_data):
+    return corpus_data[0]
+
+
+def build(corpus_data, seed=0, prepare=True, **overrides):
+    from hmst_bench.plugins import get_registry
+
+    tok, train_tokens = corpus_data
+    spec = get_registry().arch("gpt2-hsm")
+    cfg = dataclasses.replace(spec.make_config("micro", {"max_seq_len": 32, **overrides}), vocab_size=len(tok))
+    torch.manual_seed(seed)
+    model = spec.build(cfg, tok).eval()
+    with torch.no_grad():  # larger random weights make the distributions far from uniform
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    if prepare:
+        model.prepare(train_tokens)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(corpus_data):
+    return build(corpus_data)
+
+
+def rand_ids(tok, b, t, seed):
+    return torch.randint(3, len(tok), (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_prepare_installs_the_corpus_tree(corpus_data, model):
+    _, train_tokens = corpus_data
+    counts = np.bincount(train_tokens, minlength=model.config.vocab_size) + 1
+    assert np.array_equal(model.head.tree.counts, counts)
+    fresh = build(corpus_data, prepare=False)
+    assert (fresh.head.tree.counts == 1).all()  # the placeholder tree before prepare
+    assert model.head.tree.expected_code_length() < fresh.head.tree.expected_code_length()
+
+
+def test_causality(model, tok):
+    x = rand_ids(tok, 1, 24, 2)
+    y = x.clone()
+    j = 15
+    y[0, j] = (x[0, j] + 1) % len(tok)
+    t = torch.roll(x, -1, 1)
+    with torch.no_grad():
+        a, b = model.token_logprobs(x, t), model.token_logprobs(y, t)
+    assert torch.equal(a[:, :j], b[:, :j])
+    assert not torch.equal(a[:, j:], b[:, j:])
+
+
+def test_token_logprobs_gather_next_token_logprobs_and_score_flags_argmax(model, tok):
+    x = rand_ids(tok, 2, 20, 3)
+    with torch.no_grad():
+        dists = torch.stack([model.next_token_logprobs(x[:, : t + 1]) for t in range(20)], 1)  # [2, 20, V]
+        targets = torch.roll(x, -1, 1)
+        targets[:, ::2] = dists.argmax(-1)[:, ::2]  # half the targets greedy, half random
+        lp = model.token_logprobs(x, targets)
+        s_lp, greedy = model.score(x, targets)
+        loss, aux = model.loss({"input_ids": x, "labels": targets})
+    assert torch.allclose(lp, dists.gather(-1, targets[..., None])[..., 0], atol=1e-5)
+    assert torch.equal(s_lp, lp)
+    assert torch.equal(greedy, dists.argmax(-1) == targets)
+    assert greedy[:, ::2].all() and greedy.sum() < greedy.numel()
+    assert torch.allclose(loss, -lp.mean(), atol=1e-6) and aux == {}
+
+
+def test_right_padding_and_ragged_next_token_batches(model, tok):
+    lengths = [20, 7, 13]
+    rows = [rand_ids(tok, 1, n, 10 + n)[0] for n in lengths]
+    ids = torch.full((3, 20), tok.pad_token_id, dtype=torch.long)
+    targets = torch.full((3, 20), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        targets[i, : len(row) - 1] = row[1:]
+    with torch.no_grad():
+        lp = model.token_logprobs(ids, targets)
+        s_lp, greedy = model.score(ids, targets)
+        nxt = model.next_token_logprobs(ids, lengths=torch.tensor(lengths))
+        for i, row in enumerate(rows):
+            n = len(row)
+            one_lp = model.token_logprobs(row[None, :-1], row[None, 1:])[0]
+            one_s, one_g = model.score(row[None, :-1], row[None, 1:])
+            assert torch.allclose(lp[i, : n - 1], one_lp, atol=1e-5)
+            assert torch.allclose(s_lp[i, : n - 1], one_lp, atol=1e-5)
+            assert torch.equal(greedy[i, : n - 1], one_g[0])
+            assert (lp[i, n - 1 :] == 0).all() and (s_lp[i, n - 1 :] == 0).all()
+            assert torch.allclose(nxt[i], model.next_token_logprobs(row[None])[0], atol=1e-5)
+
+
+def cache_free_greedy(model, prompt, n):
+    seq, out = prompt.clone(), []
+    for _ in range(n):
+        t = model.next_token_logprobs(seq).argmax(-1)
+        out.append(int(t[0]))
+        seq = torch.cat([seq, t[:, None]], 1)
+    return out
+
+
+@pytest.mark.parametrize("prompt_len, new", [(5, 10), (20, 30), (40, 6)])  # inside, across and beyond the window
+def test_cached_greedy_equals_cache_free(model, tok, prompt_len, new):
+    prompt = rand_ids(tok, 1, prompt_len, prompt_len)
+    with torch.no_grad():
+        got = model.generate(prompt, max_new_tokens=new)[0]
+        want = cache_free_greedy(model, prompt, new)
+        nucleus = model.generate(prompt, new, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))[0]
+    assert got == want and len(got) == new
+    assert nucleus == got  # a nucleus of one token is greedy
+
+
+def test_descent_decoding(corpus_data, tok, model):
+    descent = build(corpus_data, decode="descent")
+    descent.load_state_dict(model.state_dict())
+    prompt = rand_ids(tok, 2, 6, 7)
+    with torch.no_grad():
+        a = descent.generate(prompt, 12)
+        b = descent.generate(prompt, 12)
+        # without a cache: descend from the last hidden state, step by step
+        seq, want = prompt.clone(), []
+        for _ in range(12):
+            t = descent.head.descend(descent.hidden(seq[:, -32:])[:, -1])
+            want.append(t)
+            seq = torch.cat([seq, t[:, None]], 1)
+    assert a == b == torch.stack(want, 1).tolist()
+    assert all(0 <= t < len(tok) for row in a for t in row)
+
+    # peaked distributions (head weights x100): the descended leaf holds most of the mass at
+    # every step, so it is the argmax and descent equals exact greedy decoding
+    with torch.no_grad():
+        descent.head.weight.mul_(100)
+        model_peaked = build(corpus_data)
+        model_peaked.load_state_dict(descent.state_dict())
+        got = descent.generate(prompt[:1], 12)[0]
+        exact = cache_free_greedy(model_peaked, prompt[:1], 12)
+        seq = prompt[:1].clone()
+        for token in got:
+            assert model_peaked.next_token_logprobs(seq)[0, token].exp() > 0.5
+            seq = torch.cat([seq, torch.tensor([[token]])], 1)
+    assert got == exact
+
+
+def test_save_load_round_trip(corpus_data, tok, model, tmp_path):
+    from hmst_bench.arch import config_to_dict
+    from hmst_bench.train.rundir import load_weights, save_weights
+
+    save_weights(tmp_path, model, config_to_dict(model.config))
+    model.save_artifacts(tmp_path)
+    assert (tmp_path / "hsm_tree.npz").exists()
+    again = build(corpus_data, seed=1, prepare=False)
+    load_weights(again, tmp_path / "model.safetensors")
+    x = rand_ids(tok, 2, 16, 8)
+    t = torch.roll(x, -1, 1)
+    with torch.no_grad():
+        assert not torch.allclose(model.token_logprobs(x, t), again.token_logprobs(x, t))  # the tree matters
+        again.load_artifacts(tmp_path)
+        for key, arr in model.head.tree.to_arrays().items():
+            assert np.array_equal(again.head.tree.to_arrays()[key], arr)
+        assert torch.equal(model.token_logprobs(x, t), again.token_logprobs(x, t))
+        assert torch.equal(model.next_token_logprobs(x), again.next_token_logprobs(x))
+    with pytest.raises(FileNotFoundError, match="hsm_tree.npz is missing"):
+        again.load_artifacts(tmp_path / "nowhere")
+
+
+# ============================================================================== end to end
+
+BUDGET = 5e10
+
+
+@pytest.fixture(scope="module")
+def hsm_run(bench_home, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpt2-hsm") / "run"
+    run_cli("train", "--arch", "gpt2-hsm", "--size", "micro", "--budget", str(BUDGET), "--corpus", "synthetic-facts",
+            "--out", str(out), env={"HMST_BENCH_HOME": str(bench_home)})
+    return out
+
+
+def test_trains_through_the_cli(hsm_run):
+    from hmst_bench.data.corpora import load_corpus
+    from hmst_bench.data.tokenizer import load_tokenizer
+    from hmst_bench.data.tokens import encode_corpus
+
+    info = json.loads((hsm_run / "run.json").read_text())
+    assert info["arch"] == "gpt2-hsm" and info["status"] == "complete"
+    assert info["achieved_flops"] >= info["budget_flops"] == BUDGET
+    assert math.isfinite(info["val_loss"]) and info["final_train_loss"] < math.log(info["config"]["vocab_size"])
+    assert (hsm_run / "hsm_tree.npz").exists()
+    with np.load(hsm_run / "hsm_tree.npz") as arrays:
+        tree = HuffmanTree.from_arrays(arrays)
+    train = encode_corpus(load_corpus("synthetic-facts"), load_tokenizer(hsm_run)).train  # cached by the run
+    assert np.array_equal(tree.counts, np.bincount(train, minlength=tree.vocab_size) + 1)
+
+
+LL_PAIRS = [
+    ("Githstin Datoth was born in", " Vyndum"),
+    ("Githstin Datoth was born in", " Vyndum in 1821."),
+    ("Githstin Datoth was born in", " the"),
+    ("Question: where?\nAnswer:", " A"),
+    ("The", " city of Vyndum is old."),
+]
+
+
+def test_lm_eval_loglikelihood_is_the_summed_path_logprobs(hsm_run):
+    from lm_eval.api.instance import Instance
+
+    from hmst_bench.eval.lm import HmstBenchLM
+    from hmst_bench.train.rundir import load_run
+
+    lm = HmstBenchLM(run=str(hsm_run), device="cpu", batch_size=3)
+    got = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i)
+                            for i, a in enumerate(LL_PAIRS)], disable_tqdm=True)
+    run = load_run(hsm_run)
+    model, tok = run.model, run.tokenizer
+    lengths = set()
+    for (context, continuation), (ll, is_greedy) in zip(LL_PAIRS, got):
+        ctx = tok.encode(context, add_special_tokens=False)
+        cont = tok.encode(context + continuation, add_special_tokens=False)[len(ctx):]
+        seq = torch.tensor([ctx + cont])
+        lengths.add(min(len(cont), 2))
+        with torch.no_grad():
+            h = model.hidden(seq[:, :-1])[0, -len(cont):]
+            paths = model.head.path_logprobs(h, seq[0, -len(cont):])
+            lp = model.token_logprobs(seq[:, :-1], seq[:, 1:])[0, -len(cont):]
+            greedy = all(int(model.next_token_logprobs(seq[:, : len(ctx) + k]).argmax()) == token
+                         for k, token in enumerate(cont))
+        assert ll == pytest.approx(float(paths.sum()), abs=1e-4)
+        assert ll == pytest.approx(float(lp.sum()), abs=1e-4)
+        assert is_greedy == greedy and ll < 0
+    assert lengths == {1, 2}  # one-token (next-token distribution) and longer (score) paths both used
+
+
+@pytest.fixture(scope="module")
+def eval_home(tmp_path_factory):
+    if not SHARED_DATA.is_dir():
+        pytest.skip("needs ../shared/data (HMST_BENCH_SHARED_DATA)")
+    home = tmp_path_factory.mktemp("hsm-eval-home")
+    run_cli("data", "import", "truthfulqa", str(SHARED_DATA / "truthfulqa"), env={"HMST_BENCH_HOME": str(home)})
+    return home
+
+
+def test_eval_through_the_cli(hsm_run, eval_home):
+    run_cli("eval", "--run", str(hsm_run), "--suite", "truthfulqa_mc1", "--limit", "5",
+            env={"HMST_BENCH_HOME": str(eval_home)})
+    record = json.loads((hsm_run / "eval" / "truthfulqa_mc1.json").read_text())
+    assert 0.0 <= record["results"]["truthfulqa_mc1"]["acc,none"] <= 1.0
+    assert record["provenance"]["limit"] == 5 and record["provenance"]["requests"]["total"] > 0
+
+
+def test_missing_tree_is_a_clear_error(hsm_run, tmp_path):
+    from hmst_bench.train.rundir import load_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(hsm_run, copy, ignore=shutil.ignore_patterns("eval", "state"))
+    (copy / "hsm_tree.npz").unlink()
+    with pytest.raises(Exception, match="hsm_tree.npz is missing"):
+        load_run(copy)
+
+
+@pytest.mark.xfail(strict=True, reason="rundir.load_run lets the FileNotFoundError of model.py load_artifacts "
+                   "escape (no RunError), so `hmst-bench eval` prints a traceback instead of one line")
+def test_missing_tree_is_one_line_in_the_cli(hsm_run, eval_home, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(hsm_run, copy, ignore=shutil.ignore_patterns("eval", "state"))
+    (copy / "hsm_tree.npz").unlink()
+    proc = run_cli("eval", "--run", str(copy), "--suite", "truthfulqa_mc1", "--limit", "1",
+                   env={"HMST_BENCH_HOME": str(eval_home)}, check=False)
+    assert proc.returncode != 0 and "hsm_tree.npz" in proc.stderr
+    assert "Traceback" not in proc.stderr
