@@ -104,8 +104,6 @@ def test_check_accepts_built_trees_and_rejects_broken_ones():
             HuffmanTree.from_arrays(bad.to_arrays())
 
 
-@pytest.mark.xfail(strict=True, reason="tree.py HuffmanTree.check only counts children: a cycle that "
-                   "cuts leaves off the root passes, and paths() then fails with an IndexError")
 def test_check_rejects_a_cycle():
     # V=4: root 2 -> (leaf 3, leaf 4); internal 0 -> (1, leaf 5); internal 1 -> (0, leaf 6).
     # Every node but the root is a child exactly once, yet tokens 2 and 3 are unreachable.
@@ -252,18 +250,13 @@ def test_loss_gradient_equals_explicit_construction():
         assert torch.allclose(head.all_logprobs(h).double(), ref, atol=1e-6)
     *want, lp_want = gradients(head, h, TARGETS, explicit=True)
     *got, lp_got = gradients(head, h, TARGETS, explicit=False)
-    # the head rounds node logits to float32 (see the float64 test below), hence 1e-6 here
+    # float32 here, hence 1e-6 (the float64 test below is exact to 1e-10)
     assert torch.allclose(lp_got.double(), lp_want, atol=1e-6)
     for g, w in zip(got, want):
         assert torch.allclose(g.double(), w, atol=1e-6, rtol=0)
     assert (want[0].abs().sum(1) > 0).sum() >= 4  # many node rows receive gradient
 
 
-FLOAT32_CAST = ("head.py path_logprobs/all_logprobs call logits.float(), which rounds float64 node "
-                "logits to float32; use logits.to(torch.promote_types(logits.dtype, torch.float32))")
-
-
-@pytest.mark.xfail(strict=True, reason=FLOAT32_CAST)
 def test_loss_gradient_is_exact_in_float64():
     head = random_head(5, SMALL_COUNTS, dtype=torch.float64)
     h = torch.randn(len(TARGETS), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -274,7 +267,6 @@ def test_loss_gradient_is_exact_in_float64():
         assert torch.allclose(g, w, atol=1e-10, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=FLOAT32_CAST)
 def test_gradcheck_path_logprobs():
     head = random_head(5, SMALL_COUNTS, dtype=torch.float64)
     h = torch.randn(len(TARGETS), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
@@ -593,8 +585,6 @@ def test_missing_tree_is_a_clear_error(hsm_run, tmp_path):
         load_run(copy)
 
 
-@pytest.mark.xfail(strict=True, reason="rundir.load_run lets the FileNotFoundError of model.py load_artifacts "
-                   "escape (no RunError), so `hmst-bench eval` prints a traceback instead of one line")
 def test_missing_tree_is_one_line_in_the_cli(hsm_run, eval_home, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(hsm_run, copy, ignore=shutil.ignore_patterns("eval", "state"))

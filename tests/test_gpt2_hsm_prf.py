@@ -82,7 +82,9 @@ def test_prf_training_path_and_exact_evaluation():
     model.loss(batch)  # the second training pass redraws
     assert not torch.equal(first_omega, model.head.prf_omega) and int(model.head.prf_draws) == 2
     model.eval()
-    exact, _ = model.loss(batch)
-    h = model.hidden(ids)
+    with torch.no_grad():
+        exact, _ = model.loss(batch)
+        h = model.hidden(ids)
+        approx = approx.detach()
     assert float(exact) == pytest.approx(float(-model.head.path_logprobs(h.flatten(0, 1), batch["labels"].flatten()).mean()), abs=1e-6)
     assert float(approx) != pytest.approx(float(exact), abs=1e-6)

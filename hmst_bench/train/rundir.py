@@ -196,7 +196,10 @@ def load_run(path: str | Path, device: str | None = None) -> Run:
     model = spec.build(config, tokenizer)
     load_weights(model, weights)
     if hasattr(model, "load_artifacts"):
-        model.load_artifacts(path)
+        try:
+            model.load_artifacts(path)
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{path}: cannot load the model's artifacts: {exc}") from None
     if device:
         model.to(device)
     model.eval()

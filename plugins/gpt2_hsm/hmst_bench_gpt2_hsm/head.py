@@ -23,6 +23,11 @@ import torch.nn.functional as F
 from hmst_bench_gpt2_hsm.tree import HuffmanTree, build_tree
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 logits are summed in fp32; fp64 stays fp64 (exact gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class HSMHead(torch.nn.Module):
     def __init__(self, d_model: int, vocab_size: int, init_std: float = 0.02):
         super().__init__()
@@ -78,12 +83,12 @@ class HSMHead(torch.nn.Module):
             logits = logits + self.bias[nodes]
         else:
             logits = torch.bmm(w, h.unsqueeze(-1)).squeeze(-1) + self.bias[nodes]
-        terms = F.logsigmoid(self.path_signs[tokens] * logits.float())
+        terms = F.logsigmoid(self.path_signs[tokens] * _at_least_fp32(logits))
         return terms.masked_fill(~self.path_mask[tokens], 0.0).sum(-1)
 
     def all_logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """[N, V] log-distribution over the vocabulary for h [N, d]."""
-        node_logits = (h @ self.weight.t() + self.bias).float()  # [N, V-1]
+        node_logits = _at_least_fp32(h @ self.weight.t() + self.bias)  # [N, V-1]
         if self._levels and self._levels[0][0].device != h.device:
             self._levels = [tuple(t.to(h.device) for t in level) for level in self._levels]
         lp = node_logits.new_zeros(h.shape[0], 2 * self.vocab_size - 1)  # log-prob of reaching each node

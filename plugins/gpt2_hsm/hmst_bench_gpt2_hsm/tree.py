@@ -100,6 +100,8 @@ class HuffmanTree:
         children = np.concatenate([self.left, self.right])
         if len(self.left) != v - 1 or sorted(children.tolist()) != [n for n in range(2 * v - 1) if n != v - 2]:
             raise ValueError("not a binary tree over the vocabulary (every node but the root must be a child once)")
+        if len(self.top_down()) != v - 1:  # with one parent each, only a cycle can hide nodes from the root
+            raise ValueError("not a binary tree over the vocabulary (some nodes are not reachable from the root)")
 
 
 def build_tree(counts) -> HuffmanTree:
