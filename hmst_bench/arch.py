@@ -140,6 +140,14 @@ class ArchSpec:
 # ----------------------------------------------------------------------------- config helpers
 
 
+def require_positive(config: Any, *names: str) -> None:
+    """ConfigError unless each named field of `config` is a positive int (for `__post_init__`)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 def init_fields(config_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_cls) if f.init}
 

@@ -9,13 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hmst_bench import ArchSpec, ConfigError, hookimpl
-
-
-def _positive(config, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+from hmst_bench.arch import require_positive as _positive
 
 
 @dataclass

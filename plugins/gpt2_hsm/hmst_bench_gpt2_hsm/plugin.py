@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hmst_bench import ArchSpec, ConfigError, hookimpl
+from hmst_bench.arch import require_positive
+from hmst_bench_baselines.plugin import SIZES  # the dense baselines' shapes, size for size
 
 DECODE_MODES = ("exact", "descent")
 
@@ -30,10 +32,7 @@ class GPT2HSMConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        require_positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "prf_features", "prf_redraw")
         if self.vocab_size < 2:
             raise ConfigError("vocab_size must be at least 2 for a hierarchical softmax")
         if self.d_model % self.n_heads:
@@ -42,19 +41,7 @@ class GPT2HSMConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
-        for name in ("prf_features", "prf_redraw"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.head_dim = self.d_model // self.n_heads
-
-
-SIZES = {
-    "micro": dict(vocab_size=2048, max_seq_len=128, d_model=64, n_layers=2, n_heads=4),
-    "tiny": dict(vocab_size=8192, max_seq_len=256, d_model=256, n_layers=4, n_heads=4),
-    "small": dict(vocab_size=16384, max_seq_len=512, d_model=512, n_layers=8, n_heads=8),
-    "base": dict(vocab_size=32768, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12),
-}
 
 
 def _build(config, tokenizer):
