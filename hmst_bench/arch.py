@@ -55,6 +55,9 @@ class LanguageModel(Protocol):
     - `score(input_ids, targets) -> (logprobs, is_argmax)`: `token_logprobs` plus, per position,
       whether the target is the most likely token (lm-eval's `is_greedy`) from the same forward
       pass; without it the evaluator asks `next_token_logprobs` once per continuation token.
+    - `flop_shares(batch) -> {part: fraction}`: how a training step's FLOPs split between the
+      model's parts (e.g. {"backbone": 0.8, "head": 0.2}), measured by the model on one batch;
+      recorded in run.json as "flop_shares".
     - `prepare(train_tokens)`: called once before a fresh run trains, with the packed training
       split (a 1-D int array), for state derived from the data (a Huffman tree from token
       counts); that state must then be saved and restored through the artifacts methods.

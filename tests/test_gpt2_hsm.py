@@ -514,6 +514,9 @@ def test_trains_through_the_cli(hsm_run):
     assert info["achieved_flops"] >= info["budget_flops"] == BUDGET
     assert math.isfinite(info["val_loss"]) and info["final_train_loss"] < math.log(info["config"]["vocab_size"])
     assert (hsm_run / "hsm_tree.npz").exists()
+    shares = info["flop_shares"]  # the head's share of a step, measured once the tree is in place
+    assert set(shares) == {"backbone", "head"} and 0 < shares["head"] < 1
+    assert shares["head"] + shares["backbone"] == pytest.approx(1.0, abs=1e-5)
     with np.load(hsm_run / "hsm_tree.npz") as arrays:
         tree = HuffmanTree.from_arrays(arrays)
     train = encode_corpus(load_corpus("synthetic-facts"), load_tokenizer(hsm_run)).train  # cached by the run

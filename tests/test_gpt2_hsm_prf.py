@@ -87,3 +87,52 @@ def test_prf_training_path_and_exact_evaluation():
         direct = -model.head.path_logprobs(model.hidden(ids).flatten(0, 1), batch["labels"].flatten()).mean()
     assert float(exact) == pytest.approx(float(direct), abs=1e-6)
     assert float(approx) != pytest.approx(float(exact), abs=1e-6)
+
+
+def _small_model(**overrides):
+    import dataclasses
+
+    from hmst_bench.plugins import get_registry
+
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    spec = get_registry().arch("gpt2-hsm")
+    config = dataclasses.replace(spec.make_config("micro", {"max_seq_len": 16, **overrides}), vocab_size=50)
+    torch.manual_seed(0)
+    return spec.build(config, Tok())
+
+
+def test_approximate_evaluation_only_when_asked():
+    """prf_eval: evaluation uses the FAVOR+ estimate too, and its full distribution still sums to
+    one and agrees with the path log-probs; without it evaluation is exact."""
+    ids = torch.randint(3, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    targets = torch.roll(ids, -1, 1)
+    exact_model = _small_model(use_prf=True).eval()
+    approx_model = _small_model(use_prf=True, prf_eval=True).eval()
+    approx_model.load_state_dict(exact_model.state_dict())
+    with torch.no_grad():
+        exact = exact_model.token_logprobs(ids, targets)
+        approx = approx_model.token_logprobs(ids, targets)
+        dist = approx_model.next_token_logprobs(ids)
+        h = exact_model.hidden(ids)[:, -1]
+        plain = exact_model.head.path_logprobs(h, targets[:, -1])
+    assert torch.allclose(exact[:, -1], plain, atol=1e-6)
+    assert not torch.allclose(exact, approx, atol=1e-3)
+    assert torch.allclose(torch.logsumexp(dist, -1), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(dist.gather(1, targets[:, -1:])[:, 0], approx[:, -1], atol=1e-5)
+
+
+def test_flop_shares_by_hand():
+    """The head's forward is one bmm over the padded paths: 2 * d * depth FLOPs per token."""
+    model = _small_model()
+    ids = torch.randint(3, 50, (2, 16), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
+    from hmst_bench.budget import count_flops
+
+    with torch.no_grad():
+        shares = model.flop_shares(batch)
+        _, backbone = count_flops(lambda: model.hidden(ids))
+    head = 2 * model.config.d_model * model.head.path_nodes.shape[1] * ids.numel()
+    assert shares["head"] == pytest.approx(head / (head + backbone), rel=1e-9)
+    assert shares["head"] + shares["backbone"] == pytest.approx(1.0)

@@ -411,6 +411,10 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
             info.pop(stale, None)
         tps = ctx.tokens_per_step
         fps = meter.flops_per_step
+        if "flop_shares" not in info and meter.steps and callable(getattr(model, "flop_shares", None)):
+            # once per run, after the first step (a resumed model has its artifacts back by then)
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                info["flop_shares"] = {k: round(float(v), 6) for k, v in model.flop_shares(ctx.batches(0)[0]).items()}
         info.update({
             "status": status, "achieved_flops": meter.flops, "tokens": meter.tokens, "steps": meter.steps,
             "flops_per_step": fps, "flops_per_token": (fps / tps) if fps else (meter.flops / meter.tokens if meter.tokens else None),

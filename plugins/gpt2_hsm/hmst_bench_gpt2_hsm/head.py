@@ -86,9 +86,17 @@ class HSMHead(torch.nn.Module):
         terms = F.logsigmoid(self.path_signs[tokens] * _at_least_fp32(logits))
         return terms.masked_fill(~self.path_mask[tokens], 0.0).sum(-1)
 
-    def all_logprobs(self, h: torch.Tensor) -> torch.Tensor:
-        """[N, V] log-distribution over the vocabulary for h [N, d]."""
-        node_logits = _at_least_fp32(h @ self.weight.t() + self.bias)  # [N, V-1]
+    def all_logprobs(self, h: torch.Tensor, approximate: bool = False) -> torch.Tensor:
+        """[N, V] log-distribution over the vocabulary for h [N, d]; `approximate`: FAVOR+ node
+        logits (still a normalised distribution: each node's two branches sum to one)."""
+        if approximate:
+            from hmst_bench_gpt2_hsm.prf import log_features, log_kernel
+
+            node_logits = log_kernel(log_features(self.weight, self.prf_omega).unsqueeze(0),
+                                     log_features(h, self.prf_omega).unsqueeze(1)) + self.bias
+            node_logits = _at_least_fp32(node_logits)
+        else:
+            node_logits = _at_least_fp32(h @ self.weight.t() + self.bias)  # [N, V-1]
         if self._levels and self._levels[0][0].device != h.device:
             self._levels = [tuple(t.to(h.device) for t in level) for level in self._levels]
         lp = node_logits.new_zeros(h.shape[0], 2 * self.vocab_size - 1)  # log-prob of reaching each node

@@ -72,18 +72,34 @@ class GPT2HSM(torch.nn.Module):
         h = self.hidden(batch["input_ids"])
         labels = batch["labels"]
         live = labels != IGNORE_INDEX
-        approximate = self.config.use_prf and self.training
-        if approximate:
+        approximate = self._approximate()
+        if approximate and self.training:
             self.head.prf_calls += 1
             if int(self.head.prf_calls) % self.config.prf_redraw == 0:
                 self.head.redraw()  # fresh features every prf_redraw training forward passes
         return -self.head.path_logprobs(h[live], labels[live], approximate=approximate).mean(), {}
 
+    def flop_shares(self, batch) -> dict[str, float]:
+        """Backbone and head shares of a step's FLOPs, from forward counts (backward costs about
+        twice the forward in both, so the shares hold for the whole step)."""
+        from hmst_bench.budget import count_flops
+
+        ids, labels = batch["input_ids"], batch["labels"]
+        h, backbone = count_flops(lambda: self.hidden(ids))
+        live = labels != IGNORE_INDEX
+        _, head = count_flops(lambda: self.head.path_logprobs(h[live], labels[live], approximate=self._approximate()))
+        total = max(backbone + head, 1)
+        return {"backbone": backbone / total, "head": head / total}
+
+    def _approximate(self) -> bool:
+        """FAVOR+ node logits: while training with use_prf, and in evaluation only with prf_eval."""
+        return bool(self.config.use_prf and (self.training or self.config.prf_eval))
+
     def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         h = self.hidden(input_ids)
         live = targets != IGNORE_INDEX
         out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
-        out[live] = self.head.path_logprobs(h[live], targets[live].to(h.device))
+        out[live] = self.head.path_logprobs(h[live], targets[live].to(h.device), approximate=self._approximate())
         return out
 
     def score(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +108,8 @@ class GPT2HSM(torch.nn.Module):
         logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
         greedy = torch.ones(targets.shape, dtype=torch.bool, device=h.device)
         wanted = targets[live].to(h.device)
-        logprobs[live] = self.head.path_logprobs(h[live], wanted)
-        greedy[live] = self.head.all_logprobs(h[live]).argmax(-1) == wanted
+        logprobs[live] = self.head.path_logprobs(h[live], wanted, approximate=self._approximate())
+        greedy[live] = self.head.all_logprobs(h[live], approximate=self._approximate()).argmax(-1) == wanted
         return logprobs, greedy
 
     def next_token_logprobs(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -102,7 +118,7 @@ class GPT2HSM(torch.nn.Module):
         else:
             last = lengths.to(input_ids.device).long() - 1
             h = self.hidden(input_ids)[torch.arange(len(last), device=input_ids.device), last]
-        return self.head.all_logprobs(h)
+        return self.head.all_logprobs(h, approximate=self._approximate())
 
     def decode_step(self, new_tokens: torch.Tensor, state: Any):
         """KV-cached step through the backbone; past the window, re-encode the last window."""
@@ -118,7 +134,7 @@ class GPT2HSM(torch.nn.Module):
             logprobs = torch.full((h.shape[0], self.config.vocab_size), float("-inf"), device=h.device)
             logprobs[torch.arange(h.shape[0]), tokens] = 0.0  # the descended token, chosen outright
         else:
-            logprobs = self.head.all_logprobs(h)
+            logprobs = self.head.all_logprobs(h, approximate=self._approximate())
         return logprobs, {"seq": seq, "past": out.past_key_values if seq.shape[1] < self.max_seq_len else None}
 
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None):

@@ -29,6 +29,7 @@ class GPT2HSMConfig:
     prf_features: int = 64  # random features per estimate
     prf_redraw: int = 100  # draw new features every this many training forward passes
     prf_seed: int = 0
+    prf_eval: bool = False  # evaluate with the FAVOR+ estimate too (default: evaluation is exact)
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
