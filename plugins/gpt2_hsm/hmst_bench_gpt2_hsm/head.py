@@ -34,7 +34,7 @@ class HSMHead(torch.nn.Module):
         self.vocab_size = vocab_size
         self.weight = torch.nn.Parameter(torch.randn(vocab_size - 1, d_model) * init_std)
         self.bias = torch.nn.Parameter(torch.zeros(vocab_size - 1))
-        # a balanced-ish placeholder tree until `set_tree` installs the corpus's (uniform counts)
+        # the tree of uniform counts (near-balanced) until `prepare` installs the corpus's via set_tree
         self.set_tree(build_tree(np.zeros(vocab_size, dtype=np.int64)))
 
     def set_tree(self, tree: HuffmanTree) -> None:

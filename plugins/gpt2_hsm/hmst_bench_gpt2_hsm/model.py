@@ -34,7 +34,7 @@ class GPT2HSM(torch.nn.Module):
         self.max_seq_len = config.max_seq_len
         hf_config = GPT2Config(
             vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.d_model,
-            n_layer=config.n_layers, n_head=config.n_heads, n_inner=4 * config.d_model,
+            n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.d_ff,
             resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
             layer_norm_epsilon=config.layer_norm_eps, initializer_range=config.init_std,
             attn_implementation="sdpa", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
