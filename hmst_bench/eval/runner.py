@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -30,6 +31,10 @@ EVAL_DIR = "eval"
 CACHE_DIR = "cache"
 # lm-eval's own defaults (random, numpy, torch, few-shot); `--seed N` sets all four to N
 DEFAULT_SEEDS = (0, 1234, 1234, 1234)
+# Metrics computed from a finished suite's per-sample log, beyond lm-eval's own: each entry is
+# "module:function", called as function(record, lm, out_dir) -> dict (empty when the suite has
+# nothing for it) and stored under record[key]; out_dir is RUN/eval for figures it writes.
+POSTPROCESSORS: dict[str, str] = {}
 
 
 class EvalError(ValueError):
@@ -213,6 +218,11 @@ def evaluate(
                 "seconds": round(time.time() - started, 2),
             },
         }
+        for key, target in POSTPROCESSORS.items():
+            module, func = target.split(":")
+            extra = getattr(importlib.import_module(module), func)(record, lm, run_dir / EVAL_DIR)
+            if extra:
+                record[key] = extra
         atomic_write(run_dir / EVAL_DIR / f"{suite.name}.json", _jsonable(record))
         records.append(record)
         if on_suite is not None:
