@@ -1,6 +1,7 @@
 """Reusable pieces for meeting the model contract (`hmst_bench.arch.LanguageModel`).
 
-- `sample_next`: greedy / temperature / nucleus (top-p) choice from a log-distribution;
+- `sample_next`: greedy / temperature / top-k / nucleus (top-p) choice from a log-distribution,
+  drawing from `sampling_probs` (the filtered distribution itself, for tests and tools);
 - `decode_loop`: the one generation loop every architecture shares (stop sequences, finished
   rows, max_new_tokens), driven by a per-architecture `step` function that may keep a KV cache;
 - `SoftmaxLM`: a base class for models with a full-vocabulary logits head; a subclass writes
@@ -25,22 +26,61 @@ from hmst_bench.arch import IGNORE_INDEX
 DecodeStep = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
 
 
-def sample_next(
-    logprobs: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None
-) -> torch.Tensor:
-    """Pick one token per row. temperature <= 0 is greedy (argmax); otherwise sample from
-    softmax(logprobs / temperature) restricted to the smallest set of tokens whose probability
-    reaches top_p (the most likely token is always kept)."""
+def _check_top_k(top_k) -> int:
+    """top_k as an int; ValueError unless it is a whole number >= 0 (0 turns top-k off)."""
+    try:
+        k = int(top_k)
+    except (TypeError, ValueError):
+        k = None
+    if k is None or isinstance(top_k, bool) or k != top_k or k < 0:
+        raise ValueError(f"top_k must be a non-negative integer (0: off), got {top_k!r}")
+    return k
+
+
+def sampling_probs(logprobs: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """[B, V] float32 probabilities that `sample_next` draws from when temperature > 0:
+    softmax(logprobs / temperature), filtered as transformers' samplers do, in this order:
+
+    - top_k > 0: only tokens whose scaled log-prob is at least the k-th largest stay (a token
+      tied with the k-th stays too, so a tie may keep more than k); 0, or k >= V, keeps all;
+    - top_p < 1: of what remains, renormalised, the smallest set of most likely tokens whose
+      probability reaches top_p (the most likely token is always kept).
+
+    The filters act on the distribution exactly as given, so a model that hands over its exact
+    full distribution gets exact top-k / top-p sampling. The result need not sum to one
+    (`torch.multinomial` normalises)."""
+    top_k = _check_top_k(top_k)
     if temperature <= 0:
-        return logprobs.argmax(dim=-1)
+        raise ValueError(f"sampling needs temperature > 0, got {temperature} (temperature <= 0 is greedy)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    probs = torch.softmax(logprobs.float() / temperature, dim=-1)
+    scaled = logprobs.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly before each token
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return probs
+
+
+def sample_next(
+    logprobs: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    top_k: int = 0,
+) -> torch.Tensor:
+    """Pick one token per row of `logprobs` [B, V]. temperature <= 0 is greedy (argmax; top_k
+    and top_p then change nothing); otherwise draw from `sampling_probs` (temperature, then
+    top-k, then top-p)."""
+    if temperature <= 0:
+        _check_top_k(top_k)
+        return logprobs.argmax(dim=-1)
+    probs = sampling_probs(logprobs, temperature, top_p, top_k)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -81,19 +121,23 @@ def decode_loop(
     top_p: float = 1.0,
     stop: Optional[Iterable] = None,
     generator: Optional[torch.Generator] = None,
+    top_k: int = 0,
 ) -> list[list[int]]:
-    """Generate up to `max_new_tokens` per row; a row ends right after it produces a stop
-    sequence (a token id or a sequence of ids), which is removed from the returned tokens, or
-    when a callable stop fires (see `_stop_length`)."""
+    """Generate up to `max_new_tokens` per row, each token chosen by `sample_next` (greedy at
+    temperature <= 0, else sampled after top-k then top-p filtering); a row ends right after it
+    produces a stop sequence (a token id or a sequence of ids), which is removed from the
+    returned tokens, or when a callable stop fires (see `_stop_length`). `top_k` comes last so
+    that callers passing the older arguments by position keep working."""
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty [B, T] tensor")
+    top_k = _check_top_k(top_k)  # a bad value fails before any model work
     stops = _normalise_stop(stop)
     batch = input_ids.shape[0]
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     logprobs, state = step(input_ids, None)
     for _ in range(max_new_tokens):
-        nxt = sample_next(logprobs, temperature, top_p, generator)
+        nxt = sample_next(logprobs, temperature, top_p, generator, top_k)
         for b in range(batch):
             if done[b]:
                 continue
@@ -181,5 +225,5 @@ class SoftmaxLM(torch.nn.Module):
         seq = new_tokens if state is None else torch.cat([state, new_tokens], dim=1)
         return self.next_token_logprobs(seq), seq
 
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None):
-        return decode_loop(self.decode_step, input_ids, max_new_tokens, temperature, top_p, stop, generator)
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None, top_k=0):
+        return decode_loop(self.decode_step, input_ids, max_new_tokens, temperature, top_p, stop, generator, top_k)
