@@ -85,8 +85,15 @@ class LanguageModel(Protocol):
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: Optional[Iterable] = None,
+        *,
+        top_k: int = 0,
     ) -> list[list[int]]:
-        """New tokens per row; temperature <= 0 is greedy; generation stops after a stop sequence."""
+        """New tokens per row; generation stops after a stop sequence. temperature <= 0 is
+        greedy; otherwise tokens are sampled from softmax(logprobs / temperature) restricted to
+        the top_k most likely (0: no limit), then, renormalised, to the top_p nucleus, always
+        from the model's exact full distribution (`hmst_bench.modeling.decode_loop` does this).
+        Callers pass top_k by keyword and only when it is non-zero, so a `generate` written
+        before top_k existed still works for greedy and top-p decoding."""
 
 
 @dataclass(frozen=True)

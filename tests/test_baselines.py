@@ -1,5 +1,5 @@
 """The dense baselines meet the model contract exactly (log-probs, causality, generation with a
-KV cache equal to cache-free decoding, cropping) and their saved copies load in transformers and
+KV cache equal to cache-free decoding, top-k sampling, cropping) and their saved copies load in transformers and
 in lm-eval's HFLM with identical numbers."""
 
 import dataclasses
@@ -113,6 +113,36 @@ def test_sampling_stop_and_top_p(arch, tok):
     assert stopped == greedy[: greedy.index(greedy[2])]
     first = next(i for i in range(len(greedy)) if greedy[i : i + 2] == greedy[1:3])
     assert stopped_seq == greedy[:first]  # the stop sequence itself is removed
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_top_k_sampling(arch, tok):
+    """top_k through the KV-cached generate: one step from one prompt over many rows draws only
+    the two most likely tokens of the full softmax, in proportion to their renormalised
+    probabilities; top_k=1 is greedy at any temperature; over several steps every token is in the
+    top 3 of the cache-free distribution after its prefix."""
+    import math
+
+    model = build(arch, tok)
+    prompt = ids([5, 6, 7, 8])
+    rows = 4000
+    with torch.no_grad():
+        full = model.next_token_logprobs(prompt)[0].double()
+        top = full.topk(2)
+        drawn = torch.tensor(model.generate(prompt.expand(rows, -1), 1, temperature=0.8, top_k=2,
+                                            generator=torch.Generator().manual_seed(3)))[:, 0]
+        greedy = model.generate(prompt, 8)[0]
+        k1 = model.generate(prompt, 8, temperature=5.0, top_k=1, generator=torch.Generator().manual_seed(4))[0]
+        k3 = model.generate(prompt, 8, temperature=5.0, top_k=3, generator=torch.Generator().manual_seed(4))[0]
+        seq, in_top3 = prompt, []
+        for token in k3:
+            in_top3.append(token in model.next_token_logprobs(seq)[0].topk(3).indices.tolist())
+            seq = torch.cat([seq, torch.tensor([[token]])], 1)
+    want = (top.values / 0.8).softmax(0)  # by hand: e^(lp_i/T) renormalised over the two
+    assert torch.isin(drawn, top.indices).all()
+    for token, p in zip(top.indices.tolist(), want.tolist()):
+        assert abs(float((drawn == token).double().mean()) - p) <= 5 * math.sqrt(p * (1 - p) / rows)
+    assert k1 == greedy and k3 != greedy and all(in_top3)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,6 +1,7 @@
 """The lm-eval adapter (`hmst-bench` model) against lm-eval's own HFLM on the same weights:
 identical log-likelihoods and greedy flags, rolling windows, greedy generations with stop
-strings; the cache hook makes an interrupted evaluation resume; registry and arguments."""
+strings; a task's top_k reaches generate (a generate without top_k still works, with a warning);
+the cache hook makes an interrupted evaluation resume; registry and arguments."""
 
 from __future__ import annotations
 
@@ -107,6 +108,70 @@ def test_sampling_is_seeded_and_differs_from_greedy(ours):
     again = ours.generate_until(requests("generate_until", args), disable_tqdm=True)
     greedy = ours.generate_until(requests("generate_until", [(args[0][0], {"until": [], "max_gen_toks": 16})]), disable_tqdm=True)
     assert first == again and first != greedy
+
+
+def test_top_k_from_the_task_reaches_generate(ours):
+    """do_sample with top_k=1 is greedy however hot the temperature; without do_sample top_k
+    is not used."""
+    prompt = "Githstin Datoth was born in"
+    greedy = ours.generate_until(requests("generate_until", [(prompt, {"until": [], "max_gen_toks": 12})]), disable_tqdm=True)
+    sampled = {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 5.0}
+    torch.manual_seed(0)
+    k1 = ours.generate_until(requests("generate_until", [(prompt, {**sampled, "top_k": 1})]), disable_tqdm=True)
+    torch.manual_seed(0)
+    hot = ours.generate_until(requests("generate_until", [(prompt, sampled)]), disable_tqdm=True)
+    assert k1 == greedy != hot
+
+
+class RecordingModel:
+    """Stands in for a run's model: records the keyword arguments of each generate call."""
+
+    max_seq_len = 64
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, top_k=0):
+        self.calls.append({"temperature": temperature, "top_p": top_p, "top_k": top_k})
+        return [[]]
+
+
+class OldModel(RecordingModel):
+    """A plugin written before top_k existed: its generate has no top_k parameter."""
+
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None):
+        self.calls.append({"temperature": temperature, "top_p": top_p})
+        return [[]]
+
+
+GEN_ARGS = [
+    ("a", {"until": [], "max_gen_toks": 3, "do_sample": True, "temperature": 0.7, "top_k": 40, "top_p": 0.9}),
+    ("b", {"until": [], "max_gen_toks": 3, "do_sample": False, "top_k": 40}),
+    ("c", {"until": [], "max_gen_toks": 3, "do_sample": True, "top_k": 0}),
+    ("d", {"until": [], "max_gen_toks": 3, "do_sample": True, "temperature": 1.2, "top_k": 5}),
+]
+
+
+def test_adapter_passes_top_k_only_when_asked(ours, monkeypatch):
+    model = RecordingModel()
+    monkeypatch.setattr(ours, "model", model)
+    ours.generate_until(requests("generate_until", GEN_ARGS), disable_tqdm=True)
+    assert model.calls == [
+        {"temperature": 0.7, "top_p": 0.9, "top_k": 40},
+        {"temperature": 0.0, "top_p": 1.0, "top_k": 0},  # greedy: top_k not passed
+        {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+        {"temperature": 1.2, "top_p": 1.0, "top_k": 5},
+    ]
+
+
+def test_adapter_keeps_a_generate_without_top_k_working(ours, monkeypatch):
+    model = OldModel()
+    monkeypatch.setattr(ours, "model", model)
+    with pytest.warns(UserWarning, match="takes no top_k") as caught:
+        out = ours.generate_until(requests("generate_until", GEN_ARGS), disable_tqdm=True)
+    assert out == [""] * 4 and len(model.calls) == 4
+    assert sum("takes no top_k" in str(w.message) for w in caught) == 1  # once per call, not per request
+    assert model.calls[0] == {"temperature": 0.7, "top_p": 0.9}
 
 
 def test_request_cache_resumes_an_interrupted_evaluation(dense_run, tmp_path):

@@ -2,7 +2,8 @@
 smoothing, code length within one bit of the entropy), the exact hierarchical-softmax head (the
 full distribution sums to one at any norm, path and full log-probs agree, the loss gradient
 equals autograd through an explicit product of sigmoids), the model contract (causality,
-padding, ragged next-token batches, KV-cached generation, tree descent), save/load with the tree
+padding, ragged next-token batches, KV-cached generation, top-k and top-p sampling from the exact
+full distribution, tree descent), save/load with the tree
 artifact, and a CLI run scored by the lm-eval adapter."""
 
 from __future__ import annotations
@@ -436,6 +437,73 @@ def test_cached_greedy_equals_cache_free(model, tok, prompt_len, new):
         nucleus = model.generate(prompt, new, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))[0]
     assert got == want and len(got) == new
     assert nucleus == got  # a nucleus of one token is greedy
+
+
+def frequencies_match(tokens: torch.Tensor, support: torch.Tensor, probs: torch.Tensor) -> None:
+    """Only `support` is drawn, each token within 5 binomial sd of its probability."""
+    assert torch.isin(tokens, support).all(), "drew a token outside the allowed set"
+    for token, p in zip(support.tolist(), probs.tolist()):
+        freq = float((tokens == token).double().mean())
+        assert abs(freq - p) <= 5 * math.sqrt(p * (1 - p) / tokens.numel()) + 1e-9, (token, freq, p)
+
+
+TOPK_ROWS = 5_000  # one prompt repeated: one draw per row from the same distribution
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_top_k_samples_the_exact_full_distribution(model, tok, temperature):
+    """top_k=2 draws only the two most likely leaves of the full distribution (every leaf's path
+    sum, `next_token_logprobs`), with frequencies p_i^(1/T) renormalised over the two: exact at
+    any temperature, which ancestral sampling down the tree would not be."""
+    prompt = rand_ids(tok, 1, 6, 21)
+    with torch.no_grad():
+        full = model.next_token_logprobs(prompt)[0].double()
+        top = full.topk(3)
+        assert float(top.values[0] - top.values[1]) > 0.05 and float(top.values[1] - top.values[2]) > 1e-4
+        rows = model.generate(prompt.expand(TOPK_ROWS, -1), 1, temperature=temperature, top_k=2,
+                              generator=torch.Generator().manual_seed(11))
+    two = top.indices[:2]
+    want = (full[two] / temperature).softmax(0)  # by hand: e^(lp_i/T) / (e^(lp_1/T) + e^(lp_2/T))
+    frequencies_match(torch.tensor(rows)[:, 0], two, want)
+
+
+def test_top_k_with_top_p_and_top_k_one_on_the_full_distribution(model, tok):
+    prompt = rand_ids(tok, 1, 6, 22)
+    with torch.no_grad():
+        full = model.next_token_logprobs(prompt)[0].double()
+        top = full.topk(3)
+        q = top.values.softmax(0)  # the top 3, renormalised (temperature 1)
+        # top_p halfway into the second token: the first two stay, the third (mass before it
+        # q1 + q2 >= top_p) goes; the two are drawn in proportion q1 : q2
+        top_p = float(q[0] + q[1] / 2)
+        rows = model.generate(prompt.expand(TOPK_ROWS, -1), 1, temperature=1.0, top_k=3, top_p=top_p,
+                              generator=torch.Generator().manual_seed(12))
+        frequencies_match(torch.tensor(rows)[:, 0], top.indices[:2], q[:2] / q[:2].sum())
+
+        # several steps: top_k=1 at a high temperature is greedy; top_k=3 stays within the top 3
+        # of the cache-free full distribution after each prefix
+        prompts = rand_ids(tok, 3, 5, 23)
+        greedy = model.generate(prompts, 8)
+        assert model.generate(prompts, 8, temperature=5.0, top_k=1, generator=torch.Generator().manual_seed(0)) == greedy
+        sampled = model.generate(prompts, 8, temperature=5.0, top_k=3, generator=torch.Generator().manual_seed(1))
+        assert sampled != greedy
+        for prompt_row, row in zip(prompts, sampled):
+            seq = prompt_row[None]
+            for token in row:
+                assert token in model.next_token_logprobs(seq)[0].topk(3).indices.tolist()
+                seq = torch.cat([seq, torch.tensor([[token]])], 1)
+
+
+def test_descent_refuses_sampling(corpus_data, tok, model):
+    descent = build(corpus_data, decode="descent")
+    descent.load_state_dict(model.state_dict())
+    prompt = rand_ids(tok, 2, 6, 7)
+    with torch.no_grad():
+        greedy = descent.generate(prompt, 5)
+        assert descent.generate(prompt, 5, top_k=3, top_p=0.5) == greedy  # greedy: nothing to filter
+        for kwargs in ({"top_k": 2}, {"top_p": 0.9}, {}):
+            with pytest.raises(ValueError, match="needs decode='exact'"):
+                descent.generate(prompt, 5, temperature=0.8, **kwargs)
 
 
 def test_descent_decoding(corpus_data, tok, model):

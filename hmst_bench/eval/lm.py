@@ -263,6 +263,7 @@ class HmstBenchLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        takes_top_k, warned_top_k = None, False  # whether the model's generate accepts top_k
         out: list[str] = []
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
             context, gen_kwargs = req.args
@@ -274,6 +275,18 @@ class HmstBenchLM(TemplateLM):
             if do_sample and temperature <= 0:
                 temperature = 1.0
             top_p = float(kwargs.get("top_p") or 1.0) if do_sample else 1.0
+            top_k = int(kwargs.get("top_k") or 0) if do_sample else 0
+            extra = {}
+            if top_k > 0:  # passed only when asked for, so a generate without top_k still works
+                if takes_top_k is None:
+                    params = inspect.signature(self.model.generate).parameters.values()
+                    takes_top_k = any(p.name == "top_k" or p.kind is p.VAR_KEYWORD for p in params)
+                if takes_top_k:
+                    extra["top_k"] = top_k
+                elif not warned_top_k:
+                    warnings.warn(f"{type(self.model).__name__}.generate takes no top_k: the task's top_k={top_k} "
+                                  f"is ignored (sampling from the whole top-p nucleus)", stacklevel=2)
+                    warned_top_k = True
             ids = self.tok_encode(context)[-self._prompt_room(max_gen_toks) :] or [self.prefix_token_id]
             tokens = self.model.generate(
                 torch.tensor([ids], dtype=torch.long, device=self.device),
@@ -281,6 +294,7 @@ class HmstBenchLM(TemplateLM):
                 temperature=temperature,
                 top_p=top_p,
                 stop=[self.eot_token_id, self._stop_when(until)],
+                **extra,
             )[0]
             text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
             out.append(text)

@@ -4,8 +4,9 @@ Meets the model contract (`hmst_bench.arch.LanguageModel`) itself, since the hea
 softmax: `loss` and `token_logprobs` touch only each target's path; `score`,
 `next_token_logprobs` and generation use the full exact distribution. The Huffman tree is built
 in `prepare` from the training split's token counts and saved as an artifact (`hsm_tree.npz`)
-with every checkpoint; generation keeps GPT-2's KV cache. `decode="descent"` switches
-generation to the approximate tree descent (greedy only).
+with every checkpoint; generation keeps GPT-2's KV cache, and greedy, top-k and top-p decoding
+choose from the exact full distribution. `decode="descent"` switches generation to the
+approximate tree descent (greedy only; sampling is refused).
 """
 
 from __future__ import annotations
@@ -137,5 +138,16 @@ class GPT2HSM(torch.nn.Module):
             logprobs = self.head.all_logprobs(h, approximate=self._approximate())
         return logprobs, {"seq": seq, "past": out.past_key_values if seq.shape[1] < self.max_seq_len else None}
 
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None):
-        return decode_loop(self.decode_step, input_ids, max_new_tokens, temperature, top_p, stop, generator)
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None, top_k=0):
+        """Exact mode: every step hands `decode_loop` the full exact distribution
+        (`all_logprobs`, all V leaves), so greedy, temperature, top-k and top-p choose from it
+        exactly at any temperature (with prf_eval, the FAVOR+ distribution, still normalised,
+        is the one used). Descent mode is greedy tree descent only: it has no
+        distribution to filter or sample from, so any sampling (temperature > 0, whatever top_k
+        and top_p) is refused rather than silently answered greedily."""
+        if self.config.decode == "descent" and temperature > 0:
+            raise ValueError(
+                f"decode='descent' is approximate greedy tree descent; sampling (temperature={temperature}, "
+                f"top_k={top_k}, top_p={top_p}) needs decode='exact'"
+            )
+        return decode_loop(self.decode_step, input_ids, max_new_tokens, temperature, top_p, stop, generator, top_k)
