@@ -189,8 +189,34 @@ class _Worker:
             return None
 
 
+class _Batch:
+    """The programs of one `SandboxPool.run` call: results in input order, first error, done event."""
+
+    def __init__(self, n: int, on_result):
+        self.results: list[Optional[Result]] = [None] * n
+        self.left, self.on_result = n, on_result
+        self.error: Optional[BaseException] = None
+        self.lock, self.finished = threading.Lock(), threading.Event()
+        if n == 0:
+            self.finished.set()
+
+    def done(self, i: int, result: Optional[Result], error: Optional[BaseException] = None) -> None:
+        with self.lock:
+            self.results[i] = result
+            self.error = self.error or error
+            self.left -= 1
+            if self.left == 0:
+                self.finished.set()
+        if result is not None and self.on_result is not None:
+            self.on_result(i, result)
+
+
 class SandboxPool:
-    """`workers` sandboxed workers running programs concurrently; use as a context manager."""
+    """`workers` sandboxed workers running programs concurrently; use as a context manager.
+
+    Each worker is owned by one long-lived thread of the pool, which also (re)starts its process:
+    bubblewrap's --die-with-parent is tied to the thread that started it, so workers must never
+    be started from a short-lived thread."""
 
     def __init__(self, workers: int = 0, limits: Limits = Limits(), allow_unsandboxed: bool = False):
         self.limits = limits
@@ -202,6 +228,8 @@ class SandboxPool:
             raise SandboxError(f"--workers must be at least 1, got {workers}")
         self._workers = [_Worker(limits, self.sandboxed) for _ in range(n)]
         self._ids = itertools.count(1)
+        self._jobs: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> "SandboxPool":
         return self
@@ -209,41 +237,46 @@ class SandboxPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self) -> None:
-        for worker in self._workers:
+    def _serve(self, worker: _Worker) -> None:
+        try:
+            while True:
+                item = self._jobs.get()
+                if item is None:
+                    return
+                batch, i, program = item
+                if batch.error is not None:
+                    batch.done(i, None)
+                    continue
+                try:
+                    batch.done(i, worker.run(next(self._ids), program))
+                except BaseException as exc:  # e.g. SandboxError: the sandbox cannot start here
+                    batch.done(i, None, exc)
+        finally:
             worker.stop()
 
     def run(self, programs: Sequence[str], on_result=None) -> list[Result]:
         """Run every program; results in input order. on_result(i, result) as each finishes."""
-        results: list[Optional[Result]] = [None] * len(programs)
-        todo: queue.Queue = queue.Queue()
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._serve, args=(w,), daemon=True, name=f"sandbox-{k}")
+                             for k, w in enumerate(self._workers)]
+            for t in self._threads:
+                t.start()
+        batch = _Batch(len(programs), on_result)
         for i, program in enumerate(programs):
-            todo.put(i)
-        errors: list[BaseException] = []
+            self._jobs.put((batch, i, program))
+        batch.finished.wait()
+        if batch.error is not None:
+            raise batch.error
+        return batch.results  # type: ignore[return-value]
 
-        def drain(worker: _Worker) -> None:
-            while not errors:
-                try:
-                    i = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    results[i] = worker.run(next(self._ids), programs[i])
-                except BaseException as exc:  # SandboxError at start: stop everyone
-                    errors.append(exc)
-                    return
-                if on_result is not None:
-                    on_result(i, results[i])
-
-        threads = [threading.Thread(target=drain, args=(w,), daemon=True)
-                   for w in self._workers[: max(1, min(len(self._workers), len(programs)))]]
-        for t in threads:
-            t.start()
-        for t in threads:
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
             t.join()
-        if errors:
-            raise errors[0]
-        return results  # type: ignore[return-value]
+        self._threads = []
+        for worker in self._workers:
+            worker.stop()
 
 
 def run_programs(programs: Iterable[str], workers: int = 0, limits: Limits = Limits(),

@@ -108,7 +108,7 @@ def _child(job, workdir, result_fd, token):
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         for fd, name in ((1, "stdout"), (2, "stderr")):
-            out = os.open(os.path.join(workdir, "." + name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            out = os.open(os.path.join(workdir, os.pardir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(out, fd)
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
@@ -163,8 +163,10 @@ def _read_bounded(path, limit):
 
 def run_job(job, root):
     token = os.urandom(16).hex().encode()
-    workdir = os.path.join(root, "job")
-    shutil.rmtree(workdir, ignore_errors=True)
+    jobdir = os.path.join(root, "job")  # holds the captured output and the program's work dir
+    workdir = os.path.join(jobdir, "work")
+    shutil.rmtree(jobdir, ignore_errors=True)
+    os.mkdir(jobdir, 0o700)
     os.mkdir(workdir, 0o700)
     read_fd, write_fd = os.pipe()
     started = time.monotonic()
@@ -195,9 +197,9 @@ def run_job(job, root):
         message = b""
     os.close(read_fd)
     bound = int(job["limits"]["output_bytes"])
-    stdout, cut_out = _read_bounded(os.path.join(workdir, ".stdout"), bound)
-    stderr, cut_err = _read_bounded(os.path.join(workdir, ".stderr"), bound)
-    shutil.rmtree(workdir, ignore_errors=True)
+    stdout, cut_out = _read_bounded(os.path.join(jobdir, "stdout"), bound)
+    stderr, cut_err = _read_bounded(os.path.join(jobdir, "stderr"), bound)
+    shutil.rmtree(jobdir, ignore_errors=True)
     exit_code = os.waitstatus_to_exitcode(status)
     passed = not timed_out and exit_code == 0 and message == token
     if passed:
