@@ -36,6 +36,9 @@ def builtin_suites() -> list[SuiteSpec]:
                   tasks=("truthfulqa_mc2",), task_dir=tqa_dir, data=("truthfulqa",)),
         SuiteSpec("gsm8k", "GSM8K, 5-shot, greedy, strict and flexible exact match (1,319 problems); lm-eval `gsm8k`",
                   tasks=("gsm8k",), task_dir=gsm_dir, data=("gsm8k",)),
+        SuiteSpec("factqa", "synthetic-facts closed-book QA (4,062 questions): accuracy, hallucination and abstention "
+                  "rates, seen/unseen; 5 samples each for the self-consistency AUROC",
+                  tasks=("factqa", "factqa_sc"), task_dir=str(HERE / "factqa")),
     ]
     for category in MMLU_CATEGORIES:
         suites.append(SuiteSpec(f"mmlu_{category}", f"MMLU {category.replace('_', ' ')} subjects",

@@ -34,7 +34,7 @@ DEFAULT_SEEDS = (0, 1234, 1234, 1234)
 # Metrics computed from a finished suite's per-sample log, beyond lm-eval's own: each entry is
 # "module:function", called as function(record, lm, out_dir) -> dict (empty when the suite has
 # nothing for it) and stored under record[key]; out_dir is RUN/eval for figures it writes.
-POSTPROCESSORS: dict[str, str] = {}
+POSTPROCESSORS: dict[str, str] = {"hallucination": "hmst_bench.eval.hallucination:postprocess"}
 
 
 class EvalError(ValueError):
