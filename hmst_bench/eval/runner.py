@@ -34,7 +34,8 @@ DEFAULT_SEEDS = (0, 1234, 1234, 1234)
 # Metrics computed from a finished suite's per-sample log, beyond lm-eval's own: each entry is
 # "module:function", called as function(record, lm, out_dir) -> dict (empty when the suite has
 # nothing for it) and stored under record[key]; out_dir is RUN/eval for figures it writes.
-POSTPROCESSORS: dict[str, str] = {"hallucination": "hmst_bench.eval.hallucination:postprocess"}
+POSTPROCESSORS: dict[str, str] = {"hallucination": "hmst_bench.eval.hallucination:postprocess",
+                                  "calibration": "hmst_bench.eval.calibration:postprocess"}
 
 
 class EvalError(ValueError):
