@@ -61,6 +61,11 @@ class LanguageModel(Protocol):
     - `prepare(train_tokens)`: called once before a fresh run trains, with the packed training
       split (a 1-D int array), for state derived from the data (a Huffman tree from token
       counts); that state must then be saved and restored through the artifacts methods.
+    - `hallucination_scores(prompts, answers) -> list[float]`: the model's own detector of wrong
+      answers (HMST's critic): one finite score per (prompt, answer) pair, higher = more likely
+      wrong. `hmst-bench eval --suite factqa` calls it once, without gradients, with every greedy
+      answer that does not abstain and the full prompt it answered, and reports its AUROC for
+      predicting a wrong answer beside the self-consistency one (docs/metrics.md).
     """
 
     max_seq_len: int
