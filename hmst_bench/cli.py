@@ -429,8 +429,18 @@ def data_list(as_json: bool) -> None:
 @click.option("--seed", type=int, help="Set lm-eval's four seeds to N [default: lm-eval's 0, 1234, 1234, 1234].")
 @click.option("--device", help="cpu, cuda, cuda:1, ... [default: cuda when available].")
 @click.option("--no-cache", is_flag=True, help="Ignore and do not fill RUN/eval/cache.")
+@click.option("--samples", type=int, help="Code suites: completions per problem [default: 1, greedy].")
+@click.option("--temperature", type=float, help="Code suites: sampling temperature [default: 0 (greedy); 0.8 with --samples > 1].")
+@click.option("--top-p", type=float, help="Code suites: nucleus sampling [default: 0.95 with the default temperature].")
+@click.option("--k", "ks", help="Code suites: pass@k to report, e.g. 1,10,100 (only k <= --samples).")
+@click.option("--max-gen-toks", type=int, help="Code suites: cap on tokens per completion [default: the task's, 1024].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Code suites: wall-clock seconds per program in the sandbox.")
+@click.option("--workers", type=click.IntRange(min=1), help="Code suites: sandboxed programs at once [default: CPU cores, at most 8].")
+@click.option("--allow-unsandboxed", is_flag=True, help="Code suites: without bubblewrap, run with rlimits and seccomp only (recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics and provenance as JSON to stdout.")
-def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_cache, as_json) -> None:
+def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_cache, samples, temperature, top_p, ks,
+             max_gen_toks, timeout, workers, allow_unsandboxed, as_json) -> None:
     """Evaluate a run on standard suites through lm-evaluation-harness; writes RUN/eval/<suite>.json.
 
     Benchmark data comes from the local store (`hmst-bench data import NAME PATH`); answers are
@@ -438,7 +448,8 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-stage bars; we show our own status
-    from hmst_bench.eval.runner import EvalError, evaluate, resolve_suites, summary_rows
+    from hmst_bench.eval.code import CodeEvalError, parse_ks
+    from hmst_bench.eval.runner import CodeOptions, EvalError, evaluate, resolve_suites, summary_rows
     from hmst_bench.eval.store import StoreError
     from hmst_bench.train.rundir import RunError
 
@@ -455,11 +466,13 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
                      "provenance": record["provenance"]})
 
     try:
+        code = CodeOptions(samples=samples, temperature=temperature, top_p=top_p, ks=parse_ks(ks) if ks else None,
+                           max_gen_toks=max_gen_toks, timeout=timeout, workers=workers or 0, allow_unsandboxed=allow_unsandboxed)
         chosen = resolve_suites(names, _registry().suites())
         with err.status(f"evaluating {', '.join(s.name for s in chosen)} on {run_dir}", spinner="dots"):
             evaluate(run_dir, chosen, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
-                     device=device, use_cache=not no_cache, on_suite=report, progress=False)
-    except (EvalError, StoreError, RunError) as exc:
+                     device=device, use_cache=not no_cache, on_suite=report, progress=False, code=code)
+    except (EvalError, StoreError, RunError, CodeEvalError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         _emit_json(done)

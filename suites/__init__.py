@@ -36,6 +36,10 @@ def builtin_suites() -> list[SuiteSpec]:
                   tasks=("truthfulqa_mc2",), task_dir=tqa_dir, data=("truthfulqa",)),
         SuiteSpec("gsm8k", "GSM8K, 5-shot, greedy, strict and flexible exact match (1,319 problems); lm-eval `gsm8k`",
                   tasks=("gsm8k",), task_dir=gsm_dir, data=("gsm8k",)),
+        SuiteSpec("humaneval", "HumanEval (164 problems), pass@k with the code run in the sandbox; lm-eval `humaneval`",
+                  tasks=("humaneval",), task_dir=str(HERE / "humaneval"), data=("humaneval",), executes_code=True),
+        SuiteSpec("mbpp", "MBPP test split (500 problems), 3-shot, pass@k in the sandbox; lm-eval `mbpp`",
+                  tasks=("mbpp",), task_dir=str(HERE / "mbpp"), data=("mbpp",), executes_code=True),
         SuiteSpec("factqa", "synthetic-facts closed-book QA (4,062 questions): accuracy, hallucination and abstention "
                   "rates, seen/unseen; 5 samples each for the self-consistency AUROC",
                   tasks=("factqa", "factqa_sc"), task_dir=str(HERE / "factqa")),

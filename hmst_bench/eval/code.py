@@ -212,3 +212,11 @@ def process_results(doc: dict, results: list) -> dict[str, float]:
     outcomes = _run(programs)
     n, c = len(outcomes), sum(r.passed for r in outcomes)
     return {f"pass@{k}": pass_at_k(n, c, k) for k in sorted(set(_settings.ks)) if k <= n}
+
+
+def mbpp_fewshot() -> list[dict]:
+    """The three few-shot examples of lm-eval's mbpp task: tasks 2, 3 and 4 of the prompt split."""
+    from hmst_bench.eval import store
+
+    rows = {r["task_id"]: r for r in store.rows("mbpp", "full", "prompt")}
+    return [{**rows[t], "is_fewshot": True} for t in (2, 3, 4)]

@@ -14,12 +14,14 @@ configs, versions and n-shot, the per-sample log in lm-eval's samples format, an
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import importlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -31,11 +33,12 @@ EVAL_DIR = "eval"
 CACHE_DIR = "cache"
 # lm-eval's own defaults (random, numpy, torch, few-shot); `--seed N` sets all four to N
 DEFAULT_SEEDS = (0, 1234, 1234, 1234)
-# Metrics computed from a finished suite's per-sample log, beyond lm-eval's own: each entry is
-# "module:function", called as function(record, lm, out_dir) -> dict (empty when the suite has
-# nothing for it) and stored under record[key]; out_dir is RUN/eval for figures it writes.
-POSTPROCESSORS: dict[str, str] = {"hallucination": "hmst_bench.eval.hallucination:postprocess",
-                                  "calibration": "hmst_bench.eval.calibration:postprocess"}
+# Metrics computed from a finished suite's per-sample log, beyond lm-eval's own: key -> module.
+# Each module has postprocess(record, lm, out_dir) -> dict (empty when the suite has nothing for
+# it; stored under record[key]; out_dir is RUN/eval, for figures) and summary_rows(record) ->
+# rows in summary_rows' format, which the CLI table and `--json` show after lm-eval's metrics.
+POSTPROCESSORS: dict[str, str] = {"hallucination": "hmst_bench.eval.hallucination",
+                                  "calibration": "hmst_bench.eval.calibration"}
 
 
 class EvalError(ValueError):
@@ -126,6 +129,7 @@ def evaluate(
     use_cache: bool = True,
     on_suite=None,
     progress: bool = True,
+    code: Optional[CodeOptions] = None,
 ) -> list[dict]:
     """Evaluate every suite; returns the records written to RUN/eval/<suite>.json."""
     import lm_eval
@@ -138,6 +142,8 @@ def evaluate(
     read_info(run_dir)  # RunError for a directory that is not a run
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be at least 1, got {limit}")
+    code = code or CodeOptions()
+    code.check(suites)
     manifests = check_data(suites)
     fingerprint = model_fingerprint(run_dir)
     run = load_run(run_dir)
@@ -146,10 +152,10 @@ def evaluate(
     lm = HmstBenchLM(run=run, device=device, batch_size=batch_size, progress=progress)
     # lm-eval keys each answer by the request; the file name adds what else decides the answer:
     # the model's files, the code that computes it, device, window and default generation length
-    code = hashlib.sha256(repr((_version("hmst-bench"), _version("lm_eval"), run.spec.distribution,
+    code_hash = hashlib.sha256(repr((_version("hmst-bench"), _version("lm_eval"), run.spec.distribution,
                                 _version(run.spec.distribution) if run.spec.distribution else None)).encode())
     cache = run_dir / EVAL_DIR / CACHE_DIR / (
-        f"lm-{fingerprint['model_sha256'][:16]}-{code.hexdigest()[:8]}-{lm.device.type}"
+        f"lm-{fingerprint['model_sha256'][:16]}-{code_hash.hexdigest()[:8]}-{lm.device.type}"
         f"-w{lm.max_length}-g{lm.max_gen_toks}")
     seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4
     manager = task_manager(suites)
@@ -159,21 +165,11 @@ def evaluate(
     for suite in suites:
         started = time.time()
         before = dict(lm.computed)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(suite.tasks),
-            num_fewshot=num_fewshot,
-            limit=limit,
-            use_cache=str(cache) if use_cache else None,
-            task_manager=manager,
-            log_samples=True,
-            random_seed=seeds[0],
-            numpy_random_seed=seeds[1],
-            torch_random_seed=seeds[2],
-            fewshot_random_seed=seeds[3],
-            batch_size=lm.batch_size,
-            device=str(lm.device),
-        )
+        tasks, gen_kwargs = code.tasks(suite, manager)
+        with code.execution(suite):
+            out = _simple_evaluate(lm_eval, lm, tasks, gen_kwargs, num_fewshot, limit, cache, use_cache, manager, seeds,
+                                   unsafe=suite.executes_code)
+            sandbox = code.attach_outcomes(suite, out)
         computed = {k: lm.computed[k] - before[k] for k in lm.computed}
         # one sample per document and filter; every filter sees the same responses
         per_doc = {(task, s["doc_id"]): len(s["resps"]) for task, rows in out["samples"].items() for s in rows}
@@ -217,11 +213,11 @@ def evaluate(
                 "requests": {"total": requests, "computed": sum(computed.values()),
                              "from_cache": max(requests - sum(computed.values()), 0)},
                 "seconds": round(time.time() - started, 2),
+                **({"code_execution": sandbox} if sandbox else {}),
             },
         }
-        for key, target in POSTPROCESSORS.items():
-            module, func = target.split(":")
-            extra = getattr(importlib.import_module(module), func)(record, lm, run_dir / EVAL_DIR)
+        for key, module in POSTPROCESSORS.items():
+            extra = importlib.import_module(module).postprocess(record, lm, run_dir / EVAL_DIR)
             if extra:
                 record[key] = extra
         atomic_write(run_dir / EVAL_DIR / f"{suite.name}.json", _jsonable(record))
@@ -229,6 +225,118 @@ def evaluate(
         if on_suite is not None:
             on_suite(record)
     return records
+
+
+def _simple_evaluate(lm_eval, lm, tasks, gen_kwargs, num_fewshot, limit, cache, use_cache, manager, seeds, unsafe):
+    # unsafe: lm-eval's consent to run a task's generated code; given only for our suites that
+    # run it in the sandbox (SuiteSpec.executes_code), never for other configs
+    return lm_eval.simple_evaluate(
+        confirm_run_unsafe_code=unsafe,
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        use_cache=str(cache) if use_cache else None,
+        task_manager=manager,
+        log_samples=True,
+        random_seed=seeds[0],
+        numpy_random_seed=seeds[1],
+        torch_random_seed=seeds[2],
+        fewshot_random_seed=seeds[3],
+        gen_kwargs=gen_kwargs,
+        batch_size=lm.batch_size,
+        device=str(lm.device),
+    )
+
+
+@dataclass(frozen=True)
+class CodeOptions:
+    """How the suites that execute generated code (humaneval, mbpp) sample and run it.
+
+    samples: completions per problem (lm-eval `repeats`; default the task's, 1); temperature and
+    top_p: sampling (default greedy; with samples > 1 and no temperature, 0.8 and 0.95, the
+    Codex paper's pass@100 setting); ks: pass@k reported for k <= samples; max_gen_toks: a cap
+    on completion length (default the task's 1024); timeout, workers and allow_unsandboxed: the
+    sandbox's."""
+
+    samples: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    ks: Optional[tuple[int, ...]] = None
+    max_gen_toks: Optional[int] = None
+    timeout: float = 10.0
+    workers: int = 0
+    allow_unsandboxed: bool = False
+
+    def given(self) -> list[str]:
+        names = {"samples": "--samples", "temperature": "--temperature", "top_p": "--top-p", "ks": "--k",
+                 "max_gen_toks": "--max-gen-toks"}
+        return [flag for key, flag in names.items() if getattr(self, key) is not None]
+
+    def check(self, suites: Sequence[SuiteSpec]) -> None:
+        if self.given() and not any(s.executes_code for s in suites):
+            raise EvalError(f"{self.given()[0]} applies to suites that run generated code (humaneval, mbpp); "
+                            "drop it or add such a suite")
+        if self.samples is not None and self.samples < 1:
+            raise EvalError(f"--samples must be at least 1, got {self.samples}")
+        if self.temperature is not None and self.temperature < 0:
+            raise EvalError(f"--temperature must be at least 0, got {self.temperature}")
+        if self.max_gen_toks is not None and self.max_gen_toks < 1:
+            raise EvalError(f"--max-gen-toks must be at least 1, got {self.max_gen_toks}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise EvalError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if any(s.executes_code for s in suites):
+            from hmst_bench.eval.sandbox import SandboxError, SandboxPool
+
+            try:  # refuse before any generation, not after
+                SandboxPool(1, allow_unsandboxed=self.allow_unsandboxed).close()
+            except SandboxError as exc:
+                raise EvalError(str(exc)) from None
+
+    def tasks(self, suite: SuiteSpec, manager) -> tuple[list, Optional[dict]]:
+        """lm-eval task specs for the suite and generation overrides (names unchanged otherwise)."""
+        if not suite.executes_code or not self.given():
+            return list(suite.tasks), None
+        from lm_eval.tasks import get_task_dict
+
+        task_dict = get_task_dict(list(suite.tasks), manager)
+        samples = self.samples or 1
+        temperature = self.temperature if self.temperature is not None else (0.8 if samples > 1 else 0.0)
+        gen = {"do_sample": temperature > 0, "temperature": temperature}
+        if temperature > 0:
+            gen["top_p"] = self.top_p if self.top_p is not None else (0.95 if self.temperature is None else 1.0)
+        if self.max_gen_toks is not None:
+            gen["max_gen_toks"] = self.max_gen_toks
+        for task in task_dict.values():
+            task.set_config("repeats", samples)
+        return list(task_dict.values()), gen
+
+    @contextlib.contextmanager
+    def execution(self, suite: SuiteSpec):
+        if not suite.executes_code:
+            yield
+            return
+        from hmst_bench.eval import code
+
+        with code.execution(self.ks or code.DEFAULT_K, self.timeout, self.workers, self.allow_unsandboxed):
+            yield
+
+    def attach_outcomes(self, suite: SuiteSpec, out: dict) -> Optional[dict]:
+        """Each sample's programs' sandbox results into the sample log; the settings for provenance."""
+        if not suite.executes_code:
+            return None
+        from hmst_bench.eval import code
+
+        for rows in out["samples"].values():
+            for sample in rows:
+                programs = sample.get("filtered_resps") or []
+                programs = programs[0] if programs and isinstance(programs[0], list) else programs
+                found = [code.outcome(p) for p in programs if isinstance(p, str)]
+                sample["execution"] = [{"passed": r.passed, "result": r.result} for r in found if r is not None]
+        config = next(iter(out["configs"].values()), {})
+        return {"sandboxed": code.sandboxed(), "samples": config.get("repeats"),
+                "generation_kwargs": config.get("generation_kwargs"), "k": list(self.ks or code.DEFAULT_K),
+                "timeout": self.timeout}
 
 
 def summary_rows(record: dict) -> list[dict]:
@@ -251,4 +359,7 @@ def summary_rows(record: dict) -> list[dict]:
                 "stderr": stderr if isinstance(stderr, (int, float)) else None,
                 "n": (record["n-samples"].get(name) or {}).get("effective"),
             })
+    for key, module in POSTPROCESSORS.items():
+        if record.get(key):
+            rows += importlib.import_module(module).summary_rows(record)
     return rows

@@ -10,13 +10,15 @@ from typing import Sequence
 class SuiteSpec:
     """One evaluation suite: a name for `--suite`, a line for `list suites`, the lm-eval task
     (or group) names it runs, the folder of lm-eval task YAML configs that defines them (None:
-    lm-eval's built-in tasks), and the benchmark-store datasets they read (`hmst-bench data`)."""
+    lm-eval's built-in tasks), the benchmark-store datasets they read (`hmst-bench data`), and
+    whether its metric executes generated code (then `hmst-bench eval` sandboxes it)."""
 
     name: str
     description: str
     tasks: Sequence[str] = ()
     task_dir: str | None = None
     data: Sequence[str] = ()
+    executes_code: bool = False  # its metric runs generated programs (sandbox; --samples, --k, ...)
     distribution: str = field(default="", compare=False)  # filled in by the registry
 
     def __post_init__(self) -> None:
