@@ -54,7 +54,7 @@ def test_pass_at_k_table_averages_problems_and_drops_k_above_n():
 def test_programs_are_built_as_the_reference_harnesses_do():
     problem = {"prompt": "def f(x):\n", "test": "def check(c):\n    assert c(1) == 2\n", "entry_point": "f"}
     text = program("humaneval", problem, "    return x + 1\n")
-    assert text == "def f(x):\n    return x + 1\n\n\ndef check(c):\n    assert c(1) == 2\n\n\ncheck(f)\n"
+    assert text == "def f(x):\n    return x + 1\n\ndef check(c):\n    assert c(1) == 2\n\ncheck(f)"
     mbpp = {"test_setup_code": "import math", "test_list": ["assert g(1) == 1", "assert g(2) == 2"]}
     assert program("mbpp", mbpp, "def g(x): return x") == "def g(x): return x\nimport math\nassert g(1) == 1\nassert g(2) == 2\n"
 

@@ -83,8 +83,7 @@ def task_key(suite: str, task_id) -> str:
 
 def program(suite: str, problem: dict, completion: str) -> str:
     if suite == "humaneval":
-        return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-                + f"check({problem['entry_point']})\n")
+        return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
     if suite == "mbpp":
         setup = problem.get("test_setup_code") or ""
         return completion + "\n" + setup + "\n" + "\n".join(problem["test_list"]) + "\n"
