@@ -162,7 +162,7 @@ def test_lm_eval_prompts():
     for i, inst in enumerate(greedy.instances):
         prompt, gen = inst.arguments
         assert prompt == f"{shots}\n\nQ: {test[i]['question']}\nA:"
-        assert gen["until"] == ["\n"] and gen["do_sample"] is False and inst.repeats == 1
+        assert gen["until"] == ["\n", "."] and gen["do_sample"] is False and inst.repeats == 1
     assert "Q: In what year was Moullu Triambreil born?\nA: I don't know." in shots
     inst = sampled.instances[0]
     assert inst.arguments[0] == greedy.instances[0].arguments[0]
@@ -265,7 +265,7 @@ def test_postprocess_undefined_auroc_and_other_suites():
     assert out["self_consistency"]["auroc_undefined"] == "every answered question is wrong"
     assert out["detector"]["auroc"] is None
     rows = h.summary_rows({**_record(all_wrong), "hallucination": out})
-    assert [r["value"] for r in rows if r["metric"].endswith("auroc")] == [None, None]
+    assert [math.isnan(r["value"]) for r in rows if r["metric"].endswith("auroc")] == [True, True]
     only_greedy = copy.deepcopy(_record(ROWS))
     del only_greedy["samples"]["factqa_sc"]
     assert "self_consistency" not in h.postprocess(only_greedy, FakeLM(object()), None)

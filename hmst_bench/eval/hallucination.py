@@ -323,14 +323,15 @@ def postprocess(record: dict, lm: Any, out_dir: Any = None) -> dict:
 def summary_rows(record: dict) -> list[dict]:
     """Rows (task, metric, filter, n_shot, value, stderr, n) for the numbers `postprocess` adds:
     sc_auroc and sc_agreement (with `factqa_sc`), detector_auroc (with a detector). A value is
-    None where it is undefined (an AUROC over all-right or all-wrong answers)."""
+    NaN where it is undefined (an AUROC over all-right or all-wrong answers; the result file
+    holds null and the reason), so tables format every row as a number."""
     extra = record.get("hallucination") or {}
     n_shot = (record.get("n-shot") or {}).get(GREEDY_TASK)
     rows = []
 
     def add(metric: str, value: float | None, n: int) -> None:
         rows.append({"task": GREEDY_TASK, "metric": metric, "filter": "none", "n_shot": n_shot,
-                     "value": value, "stderr": None, "n": n})
+                     "value": math.nan if value is None else value, "stderr": None, "n": n})
 
     sc = extra.get("self_consistency")
     if sc:
