@@ -171,8 +171,10 @@ def evaluate(
                                    unsafe=suite.executes_code)
             sandbox = code.attach_outcomes(suite, out)
         computed = {k: lm.computed[k] - before[k] for k in lm.computed}
-        # one sample per document and filter; every filter sees the same responses
-        per_doc = {(task, s["doc_id"]): len(s["resps"]) for task, rows in out["samples"].items() for s in rows}
+        # one sample per document and filter; every filter sees the same responses. A response is
+        # a list per request: one answer, or `repeats` sampled generations
+        per_doc = {(task, s["doc_id"]): sum(len(r) if isinstance(r, list) else 1 for r in s["resps"])
+                   for task, rows in out["samples"].items() for s in rows}
         requests = sum(per_doc.values())
         record = {
             "suite": suite.name,
