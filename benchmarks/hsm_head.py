@@ -9,8 +9,22 @@ Prints one JSON object with, for each vocabulary size V (default 4096, 32768, 50
   one forward+backward, divided by the tokens; it counts the matmuls, not the elementwise ops);
 - decoding one hidden state at a time, time per token: exact (`all_logprobs` + argmax), tree
   descent (`descend`, approximate) and a full softmax (linear + argmax), and their ratios;
-- the Huffman tree: max depth (every path is padded to it in training), expected path length
+- the Huffman tree: max depth (training pads each depth bucket's paths to its own deepest),
+  expected path length
   (`tree.expected_code_length()`), unigram entropy, and the batch's mean path length;
+- "bucketing" (issue 5 item 2: are paths worth bucketing by depth?): forward+backward time of
+  the training loss with every path padded to the tree's deepest (`padded_path_logprobs`, the
+  reference) against `path_logprobs` with the batch's tokens sorted by path depth and split
+  into 1-4 buckets (`depth_buckets`; the head's default is 4), each padded only to its own
+  deepest path, caps chosen per batch to minimise the padded rows (timed as part of the step;
+  1 bucket = padded to the batch's deepest path); also the same 4 buckets through plain
+  autograd (`autograd_split_path_logprobs` below: per-bucket views of one gathered tensor,
+  whose backward concatenates the [rows, d] gradient), and the first implementation of the
+  padded head (`index_gather_path_logprobs`: weight[nodes], whose backward is index_put_ with
+  accumulate). Each variant: its median time; its time over the reference's, the median over
+  rounds of the ratio within a round (wall clock and process CPU time); padded rows as a fraction of the reference's, and its
+  largest difference from the reference in loss and gradients (the same sums, so rounding).
+  Measured at torch's thread count and again on one thread (see `bucketing` for why);
 - "scaling": for each figure its exponent alpha in figure ~ V^alpha, least squares over the V
   measured, beside the exponent log2(V) itself has over the same V (about 0.1) and that of V (1):
   where the HSM figures stay near the former, O(log V) holds; where they approach 1 it does not.
@@ -28,8 +42,9 @@ it includes the activations and the gradients of the head's weights and of h, no
 and inputs themselves (torch's CPU allocations are invisible to tracemalloc; this counts what the
 OS had to give). Where clear_refs cannot be written, the ru_maxrss delta of that fresh process is
 used and "memory_method" says so. On CUDA it is torch.cuda.max_memory_allocated minus
-memory_allocated before. FLOPs are counted in the same subprocess on the meta device (same ops and
-shapes, no arithmetic).
+memory_allocated before. FLOPs are counted in the same subprocess over one more forward+backward
+on the same tokens (real tensors: with depth buckets the HSM head's work depends on the tokens'
+path depths, which the meta device cannot see).
 
 Times are measured in the main process, both heads of a V built side by side: one warm-up pass
 each, then --repeats passes each, the heads alternating (order flipped every round) so load from
@@ -38,9 +53,10 @@ process CPU time is reported as well ("hsm_vs_softmax_cpu_time") as a cross-chec
 three decoders alternate round by round over the same single hidden states; median per token.
 
     python benchmarks/hsm_head.py [--device cpu] [--vocab 4096,32768,50257] [--repeats 3]
+                                  [--buckets 1,2,3,4] [--bucket-repeats 9]
 
-Only the JSON goes to stdout; progress goes to stderr. About 3 minutes on 2 CPU cores, nearly
-all of it the full softmax at the two large V.
+Only the JSON goes to stdout; progress goes to stderr. About 8 minutes on 2 idle CPU cores, most of
+it the full softmax at the two large V and the bucketing comparison (`--buckets ""` skips it).
 """
 
 from __future__ import annotations
@@ -166,12 +182,9 @@ def child(kind: str, v: int, args) -> dict:
             after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             peak, method = after - before, "ru_maxrss delta, fresh process"
 
-    # FLOPs of one forward+backward, counted on the meta device (shapes only)
-    meta_head, meta_loss = make_heads(kind, v, args.d_model, args.seed, "meta")
-    mh = torch.empty(args.tokens, args.d_model, device="meta", requires_grad=True)
-    mt = torch.empty(args.tokens, dtype=torch.long, device="meta")
+    # FLOPs of one forward+backward on the same tokens
     with FlopCounterMode(display=False) as counter:
-        meta_loss(mh, mt).backward()
+        step()
     ops = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return {"peak_bytes": int(peak), "memory_method": method,
             "flops": int(counter.get_total_flops()), "flops_by_op": ops}
@@ -254,6 +267,153 @@ def decode_times(v: int, args) -> dict:
     }
 
 
+def autograd_split_path_logprobs(head, h, tokens, buckets: int):
+    """`head.path_logprobs` (exact, bucketed) through plain autograd: one gather of every bucket's
+    rows, split into per-bucket views, one bmm each; autograd then concatenates the per-bucket
+    [rows, d] gradients in the backward. Returns the [N] log-probs in the input order."""
+    import torch
+    import torch.nn.functional as F
+
+    from hmst_bench_gpt2_hsm.head import _at_least_fp32, bucket_caps
+
+    depth = head.path_depth[tokens]
+    order = torch.argsort(depth, stable=True)
+    hist = torch.bincount(depth).tolist()
+    caps = bucket_caps(hist, buckets)
+    sizes, lo = [], 0
+    for cap in caps:
+        sizes.append(sum(hist[lo : cap + 1]))
+        lo = cap + 1
+    ts = tokens[order]
+    nodes = [head.path_nodes[t, :c] for t, c in zip(ts.split(sizes), caps)]
+    flat = torch.cat([n.reshape(-1) for n in nodes])
+    rows = [n.numel() for n in nodes]
+    out = []
+    for t, c, n, w, b, hb in zip(ts.split(sizes), caps, sizes, F.embedding(flat, head.weight).split(rows),
+                                 head.bias[flat].split(rows), h[order].split(sizes)):
+        logits = torch.bmm(w.view(n, c, -1), hb.unsqueeze(-1)).squeeze(-1) + b.view(n, c)
+        terms = F.logsigmoid(head.path_signs[t, :c] * _at_least_fp32(logits))
+        out.append(terms.masked_fill(~head.path_mask[t, :c], 0.0).sum(-1))
+    lp = torch.cat(out)
+    return torch.empty_like(lp).scatter(0, order, lp)
+
+
+def index_gather_path_logprobs(head, h, tokens):
+    """The padded head as first written: the path rows gathered by indexing, weight[nodes]."""
+    import torch
+    import torch.nn.functional as F
+
+    from hmst_bench_gpt2_hsm.head import _at_least_fp32
+
+    nodes = head.path_nodes[tokens]
+    logits = torch.bmm(head.weight[nodes], h.unsqueeze(-1)).squeeze(-1) + head.bias[nodes]
+    terms = F.logsigmoid(head.path_signs[tokens] * _at_least_fp32(logits))
+    return terms.masked_fill(~head.path_mask[tokens], 0.0).sum(-1)
+
+
+def bucketing(v: int, args) -> dict:
+    """Padded vs depth-bucketed training forward+backward of the HSM loss on one batch."""
+    import torch
+
+    from hmst_bench_gpt2_hsm.head import bucket_caps
+
+    device = args.device
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    head, _ = make_heads("hsm", v, args.d_model, args.seed, device)
+    default_buckets = head.depth_buckets
+    tokens = torch.from_numpy(zipf_tokens(v, args.tokens, args.seed)).to(device)
+    h = torch.randn(args.tokens, args.d_model, device=device, requires_grad=True)
+    n_buckets = [int(x) for x in args.buckets.split(",")]
+    depth = head.path_depth[tokens]
+    hist = torch.bincount(depth).tolist()
+
+    def bucketed(b: int):
+        def loss():
+            head.depth_buckets = b
+            return -head.path_logprobs(h, tokens).mean()
+        return loss
+
+    variants = {"padded": lambda: -head.padded_path_logprobs(h, tokens).mean()}
+    variants.update({f"bucketed_{b}": bucketed(b) for b in n_buckets})
+    variants["autograd_split_4"] = lambda: -autograd_split_path_logprobs(head, h, tokens, 4).mean()
+    variants["index_gather_padded"] = lambda: -index_gather_path_logprobs(head, h, tokens).mean()
+
+    def step(name: str) -> tuple[float, float, tuple]:
+        head.zero_grad(set_to_none=True)
+        h.grad = None
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        loss = variants[name]()
+        loss.backward()
+        sync()
+        return time.perf_counter() - wall, time.process_time() - cpu, (loss.detach(), head.weight.grad, head.bias.grad, h.grad)
+
+    # a warm-up pass of each, which also checks that they compute the same loss and gradients
+    ref = step("padded")[2]
+    diff = {}
+    for name in list(variants)[1:]:
+        diff[name] = max(float((a - b).abs().max()) for a, b in zip(step(name)[2], ref))
+    padded_rows = args.tokens * head.path_nodes.shape[1]
+    caps = {f"bucketed_{b}": bucket_caps(hist, b) for b in n_buckets}
+    caps["autograd_split_4"] = bucket_caps(hist, 4)
+    caps["index_gather_padded"] = [head.path_nodes.shape[1]]
+    default = f"bucketed_{default_buckets}"
+
+    def measure() -> dict:
+        wall, cpu = {k: [] for k in variants}, {k: [] for k in variants}
+        for r in range(args.bucket_repeats):
+            for name in list(variants) if r % 2 == 0 else list(variants)[::-1]:
+                w, c, _ = step(name)
+                wall[name].append(w)
+                cpu[name].append(c)
+
+        def paired(times: dict, name: str) -> float:
+            """Median over rounds of the variant's time over the reference's in the same round:
+            load from other processes that drifts between rounds cancels."""
+            return float(np.median(np.array(times[name]) / np.array(times["padded"])))
+
+        by = {}
+        for name in list(variants)[1:]:
+            lo, rows = 0, 0
+            for cap in caps[name]:
+                rows += sum(hist[lo : cap + 1]) * cap
+                lo = cap + 1
+            by[name] = {"caps": caps[name], "rows_vs_padded": round(rows / padded_rows, 4),
+                        "seconds": round(float(np.median(wall[name])), 5),
+                        "vs_padded_time": round(paired(wall, name), 4), "vs_padded_cpu_time": round(paired(cpu, name), 4),
+                        "max_abs_diff_vs_padded": diff[name]}
+        best = min(n_buckets, key=lambda b: by[f"bucketed_{b}"]["vs_padded_time"])
+        return {
+            "padded_seconds": round(float(np.median(wall["padded"])), 5),
+            "variants": by,
+            "best_buckets": best,
+            "best_bucketed_vs_padded_time": by[f"bucketed_{best}"]["vs_padded_time"],
+            "default_vs_padded_time": by[default]["vs_padded_time"] if default in by else None,
+            "default_vs_first_implementation_time": (
+                round(by[default]["vs_padded_time"] / by["index_gather_padded"]["vs_padded_time"], 4) if default in by else None),
+        }
+
+    # at torch's thread count, then on one thread: on a shared machine other processes stall the
+    # threads of a parallel op unevenly, which hits the bucketed variant's more numerous, smaller
+    # ops harder; one thread is only slowed down, so its ratios stay those of an idle machine
+    threads = torch.get_num_threads()
+    by_threads = {}
+    try:
+        for n in sorted({threads, 1}, reverse=True):
+            torch.set_num_threads(n)
+            by_threads[str(n)] = measure()
+    finally:
+        torch.set_num_threads(threads)
+        head.depth_buckets = default_buckets
+    return {
+        "tree_max_depth": int(head.path_nodes.shape[1]),
+        "batch_max_depth": int(depth.max()),
+        "batch_mean_depth": round(float(depth.float().mean()), 3),
+        "default_buckets": default_buckets,
+        "by_threads": by_threads,
+    }
+
+
 def exponent(vs: list[int], ys: list[float]) -> float | None:
     if len(vs) < 2 or min(ys) <= 0:
         return None
@@ -279,6 +439,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per head after the warm-up (median)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="hidden states decoded one at a time per round")
     parser.add_argument("--decode-rounds", type=int, default=5)
+    parser.add_argument("--buckets", default="1,2,3,4", help="bucket counts to compare with padding ('' skips)")
+    parser.add_argument("--bucket-repeats", type=int, default=9, help="timed rounds of the bucketing variants (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -312,6 +474,10 @@ def main() -> None:
         times = train_times(v, args)
         log(f"V={v}: decoding")
         dec = decode_times(v, args)
+        bucket = None
+        if args.buckets:
+            log(f"V={v}: padded vs depth-bucketed paths, training forward+backward")
+            bucket = bucketing(v, args)
         t, c = times["wall"], times["cpu"]
         m = {k: r["peak_bytes"] for k, r in train.items()}
         f = {k: r["flops"] / args.tokens for k, r in train.items()}
@@ -335,6 +501,11 @@ def main() -> None:
             "descent_agrees_with_exact_untrained": dec["descent_agrees_with_exact"],
             "hsm_flops_by_op": train["hsm"]["flops_by_op"],
         }
+        if bucket is not None:
+            per_v[v]["bucketing"] = bucket
+            for n, m in bucket["by_threads"].items():
+                log(f"V={v}, {n} thread(s): bucketed/padded time {m['default_vs_padded_time']} "
+                    f"({bucket['default_buckets']} buckets), best {m['best_bucketed_vs_padded_time']} ({m['best_buckets']})")
         log(f"V={v}: hsm/softmax time {per_v[v]['hsm_vs_softmax_time']}, memory {per_v[v]['hsm_vs_softmax_memory']}, "
             f"descent/exact decode {per_v[v]['descent_vs_exact_decode_time']}")
 
@@ -364,6 +535,23 @@ def main() -> None:
         "hsm_vs_softmax_time_shrinks_as_V_grows": all(b < a for a, b in zip(hsm_vs, hsm_vs[1:])),
         "hsm_vs_softmax_time_by_V": dict(zip(map(str, vocab), hsm_vs)),
     }
+    bucket_summary = None
+    if args.buckets:
+        bucket_summary = {"method": f"{args.bucket_repeats} rounds after one warm-up pass each, the variants "
+                                    f"alternating within a round; ratios are medians over rounds of the within-round "
+                                    f"ratio; bucket caps chosen per batch to minimise padded rows"}
+        for n in per_v[vocab[0]]["bucketing"]["by_threads"]:
+            m = {v: per_v[v]["bucketing"]["by_threads"][n] for v in vocab}
+            default = {str(v): m[v]["default_vs_padded_time"] for v in vocab}
+            bucket_summary[f"{n}_threads"] = {
+                "default_bucketed_vs_padded_time_by_V": default,
+                "saves_over_10_percent_at_every_V": all(x is not None and x < 0.9 for x in default.values()),
+                "best_buckets_by_V": {str(v): m[v]["best_buckets"] for v in vocab},
+                "autograd_split_4_vs_padded_time_by_V": {
+                    str(v): m[v]["variants"]["autograd_split_4"]["vs_padded_time"] for v in vocab},
+                "default_vs_first_implementation_time_by_V": {
+                    str(v): m[v]["default_vs_first_implementation_time"] for v in vocab},
+            }
     result = {
         "benchmark": "hsm_head",
         "device": args.device,
@@ -376,6 +564,7 @@ def main() -> None:
         "decode_method": f"{args.decode_tokens} single hidden states per round, median of {args.decode_rounds} rounds",
         "by_vocab": {str(v): r for v, r in per_v.items()},
         "scaling": scaling,
+        "bucketing": bucket_summary,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     json.dump(result, json_out)

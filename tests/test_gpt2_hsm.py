@@ -1,7 +1,8 @@
 """The gpt2-hsm architecture (issue 5, item 6): the Huffman tree (a hand-checked example, add-one
 smoothing, code length within one bit of the entropy), the exact hierarchical-softmax head (the
 full distribution sums to one at any norm, path and full log-probs agree, the loss gradient
-equals autograd through an explicit product of sigmoids), the model contract (causality,
+equals autograd through an explicit product of sigmoids, depth-bucketed paths give the padded
+losses and gradients, with optimal bucket caps), the model contract (causality,
 padding, ragged next-token batches, KV-cached generation, top-k and top-p sampling from the exact
 full distribution, tree descent), save/load with the tree
 artifact, and a CLI run scored by the lm-eval adapter."""
@@ -286,6 +287,120 @@ def test_gradcheck_path_logprobs():
         return torch.func.functional_call(PathLogprobs(), {"head.weight": weight, "head.bias": bias}, (h,))
 
     assert torch.autograd.gradcheck(f, (h, weight, bias))
+
+
+# ------------------------------------------------------------------------------ depth buckets
+
+
+def test_bucket_caps_by_hand():
+    from hmst_bench_gpt2_hsm.head import bucket_caps
+
+    # depths 1 1 2 3 3 3 5 -> hist [0, 2, 1, 3, 0, 1]
+    # 1 bucket: [5], 7 * 5 = 35 rows.  2 buckets: [1, 5] 2 + 25 = 27, [2, 5] 6 + 20 = 26,
+    # [3, 5] 18 + 5 = 23 (best).  3 buckets: [1, 3, 5] 2 + 12 + 5 = 19, [2, 3, 5] 6 + 9 + 5 = 20,
+    # [1, 2, 5] 2 + 2 + 20 = 24 -> [1, 3, 5].  4 buckets: every depth its own, 2 + 2 + 9 + 5 = 18
+    hist = [0, 2, 1, 3, 0, 1]
+    assert bucket_caps(hist, 1) == [5]
+    assert bucket_caps(hist, 2) == [3, 5]
+    assert bucket_caps(hist, 3) == [1, 3, 5]
+    assert bucket_caps(hist, 4) == bucket_caps(hist, 9) == [1, 2, 3, 5]
+    assert bucket_caps([0, 0, 4], 3) == [2] and bucket_caps([0, 0], 2) == []
+
+
+def test_bucket_caps_are_optimal():
+    """Against every way of cutting the distinct depths into at most b contiguous groups."""
+    import itertools
+
+    from hmst_bench_gpt2_hsm.head import bucket_caps
+
+    def rows(hist, caps):
+        lo, total = 0, 0
+        for c in caps:
+            total += sum(hist[lo : c + 1]) * c
+            lo = c + 1
+        return total
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        hist = [int(x) for x in rng.integers(0, 6, rng.integers(2, 10))]
+        ds = [k for k, n in enumerate(hist) if n]
+        if not ds:
+            continue
+        for b in range(1, 5):
+            best = min(rows(hist, list(cut) + [ds[-1]])
+                       for m in range(min(b, len(ds)))
+                       for cut in itertools.combinations(ds[:-1], m))
+            caps = bucket_caps(hist, b)
+            assert caps[-1] == ds[-1] and len(caps) <= b and caps == sorted(set(caps))
+            assert rows(hist, caps) == best
+
+
+def bucketed_and_padded(head, h, targets, buckets):
+    """(log-probs, weight grad, bias grad, h grad) of -mean path log-prob, bucketed and padded."""
+    out = []
+    for padded in (False, True):
+        head.zero_grad()
+        x = h.detach().clone().requires_grad_(True)
+        head.depth_buckets = buckets
+        lp = head.padded_path_logprobs(x, targets) if padded else head.path_logprobs(x, targets)
+        (-lp.mean()).backward()
+        out.append((lp.detach(), head.weight.grad.clone(), head.bias.grad.clone(), x.grad.clone()))
+    return out
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 3, 4, 6])
+def test_bucketed_equals_padded_in_float64(buckets):
+    """A Zipf tree with 9 distinct leaf depths, so buckets hold several depths and still pad;
+    losses and all gradients equal the padded computation to rounding (float64, 1e-12), and the
+    log-probs equal the explicit product of sigmoids."""
+    counts = zipf_counts(200, top=1e4)
+    head = random_head(8, counts, dtype=torch.float64)
+    targets = torch.from_numpy(np.random.default_rng(1).choice(200, 300, p=counts / counts.sum()))
+    depths = head.path_depth[targets]
+    assert len(depths.unique()) >= 7 and len(head.path_depth.unique()) >= 9
+    h = torch.randn(300, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    bucketed, padded = bucketed_and_padded(head, h, targets, buckets)
+    for got, want in zip(bucketed, padded):
+        assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        explicit = explicit_logprobs(head.tree, head.weight, head.bias, h)[torch.arange(300), targets]
+    assert torch.allclose(bucketed[0], explicit, atol=1e-12, rtol=0)
+    assert (bucketed[1].abs().sum(1) > 0).sum() > 50  # many node rows receive gradient
+
+
+def test_bucketed_equals_padded_in_float32_and_without_grads():
+    counts = zipf_counts(2000, top=1e5)
+    head = random_head(32, counts)
+    targets = torch.from_numpy(np.random.default_rng(2).choice(2000, 1000, p=counts / counts.sum()))
+    h = torch.randn(1000, 32, generator=torch.Generator().manual_seed(8))
+    bucketed, padded = bucketed_and_padded(head, h, targets, 4)
+    for got, want in zip(bucketed, padded):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    head.zero_grad()
+    with torch.no_grad():  # evaluation
+        assert torch.allclose(head.path_logprobs(h, targets), padded[0], atol=1e-6, rtol=1e-5)
+    head.weight.requires_grad_(False)  # only h needs a gradient
+    x = h.clone().requires_grad_(True)
+    (-head.path_logprobs(x, targets).mean()).backward()
+    assert torch.allclose(x.grad, padded[3], atol=1e-6, rtol=1e-5) and head.weight.grad is None
+    head.weight.requires_grad_(True)
+    (-head.path_logprobs(h, targets).mean()).backward()  # only the weights need one
+    assert torch.allclose(head.weight.grad, padded[1], atol=1e-6, rtol=1e-5)
+    assert head.path_logprobs(h[:0], targets[:0]).shape == (0,)
+
+
+def test_bucketed_under_autocast():
+    """bf16 autocast (as --mixed-precision on a CPU): the bucketed loss and gradients match the
+    padded computation under the same autocast to bf16 precision, in the parameters' dtypes."""
+    counts = zipf_counts(500, top=1e4)
+    head = random_head(32, counts)
+    targets = torch.from_numpy(np.random.default_rng(3).choice(500, 256, p=counts / counts.sum()))
+    h = torch.randn(256, 32, generator=torch.Generator().manual_seed(9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bucketed, padded = bucketed_and_padded(head, h, targets, 4)
+    assert bucketed[1].dtype == bucketed[3].dtype == torch.float32
+    for got, want in zip(bucketed, padded):
+        assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 def explicit_descent(tree: HuffmanTree, weight, bias, h) -> list[int]:

@@ -124,15 +124,26 @@ def test_approximate_evaluation_only_when_asked():
 
 
 def test_flop_shares_by_hand():
-    """The head's forward is one bmm over the padded paths: 2 * d * depth FLOPs per token."""
+    """The head's forward is one bmm per depth bucket: 2 * d FLOPs per padded path row. The
+    initial tree of 50 equal counts has 14 leaves at depth 5 and 36 at depth 6, so with up to 4
+    buckets each depth gets its own and nothing is padded: 2 * d * (sum of the targets' depths).
+    Padded to the deepest path (depth_buckets = 0) it is 2 * d * 6 per token."""
     model = _small_model()
+    assert model.head.path_depth.bincount().tolist() == [0, 0, 0, 0, 0, 14, 36]
     ids = torch.randint(3, 50, (2, 16), generator=torch.Generator().manual_seed(2))
-    batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
+    labels = torch.roll(ids, -1, 1)
+    batch = {"input_ids": ids, "labels": labels}
     from hmst_bench.budget import count_flops
 
     with torch.no_grad():
         shares = model.flop_shares(batch)
         _, backbone = count_flops(lambda: model.hidden(ids))
-    head = 2 * model.config.d_model * model.head.path_nodes.shape[1] * ids.numel()
+        model.head.depth_buckets = 0
+        padded_shares = model.flop_shares(batch)
+    depths = model.head.path_depth[labels]
+    assert 0 < int((depths == 5).sum()) < ids.numel()  # both depths occur
+    head = 2 * model.config.d_model * int(depths.sum())
+    padded = 2 * model.config.d_model * 6 * ids.numel()
     assert shares["head"] == pytest.approx(head / (head + backbone), rel=1e-9)
+    assert padded_shares["head"] == pytest.approx(padded / (padded + backbone), rel=1e-9)
     assert shares["head"] + shares["backbone"] == pytest.approx(1.0)
