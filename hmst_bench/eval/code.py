@@ -158,7 +158,6 @@ def execution(ks: Sequence[int] = DEFAULT_K, timeout: float = Limits.timeout, wo
     global _settings
     previous = _settings
     _settings = _Execution(tuple(ks), replace(Limits(), timeout=timeout), workers, allow_unsandboxed)
-    SandboxPool(1, _settings.limits, allow_unsandboxed).close()  # refuse now, before any generation
     try:
         yield
     finally:

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -68,7 +68,6 @@ class Result:
     stdout: str = ""
     stderr: str = ""
     truncated: bool = False
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +121,6 @@ class _Worker:
         self.limits, self.sandboxed = limits, sandboxed
         self.proc: Optional[subprocess.Popen] = None
         self.tmp: Optional[str] = None
-        self.jobs = 0
 
     def start(self) -> None:
         if self.sandboxed:
@@ -171,7 +169,6 @@ class _Worker:
         if reply is None or reply.get("id") != job_id:
             self.stop()  # killed or wedged by the program: a fresh worker for the next one
             return Result(False, "failed: the program brought down its sandbox worker", self.sandboxed)
-        self.jobs += 1
         fields = {k: reply.get(k) for k in ("exit_code", "timed_out", "seconds", "stdout", "stderr", "truncated")}
         return Result(bool(reply.get("passed")), str(reply.get("result")), self.sandboxed,
                       **{k: v for k, v in fields.items() if v is not None})
