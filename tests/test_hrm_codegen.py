@@ -1,0 +1,274 @@
+"""The hrm-codegen architecture (issue 6, items 1, 2, 4 and the model side of 6): config
+validation, stablemax by hand, the one-step gradient (only the last L and H calls build a graph,
+gradients equal a manual construction, saved-activation bytes independent of the cycles, growing
+with full_bptt), causality after all cycles, exact cache-free decoding, measured FLOPs counting the
+no-grad cycles, save/load, and a CLI run scored by the lm-eval adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, run_cli
+from hmst_bench import ConfigError
+from hmst_bench_hrm_codegen.model import HRMCodeGen, log_stablemax
+from hmst_bench_hrm_codegen.plugin import HRM_CODEGEN, HRMCodeGenConfig
+
+V = 97
+
+
+def build(seed=0, **overrides) -> HRMCodeGen:
+    values = dict(vocab_size=V, max_seq_len=32, d_model=32, n_heads=4, h_layers=1, l_layers=1)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return HRMCodeGen(HRMCodeGenConfig(**values)).eval()
+
+
+def rand_ids(b, t, seed):
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def batch_of(ids):
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+# ============================================================================== config
+
+
+def test_sizes_match_dense_llama_shapes():
+    from hmst_bench_baselines.plugin import SIZES as DENSE
+
+    for size, preset in HRM_CODEGEN.sizes.items():
+        cfg = HRM_CODEGEN.make_config(size)
+        dense = DENSE[size]
+        assert cfg.h_layers + cfg.l_layers == dense["n_layers"] and cfg.h_layers == cfg.l_layers
+        assert (cfg.d_model, cfg.n_heads, cfg.vocab_size, cfg.max_seq_len) == (
+            dense["d_model"], dense["n_heads"], dense["vocab_size"], dense["max_seq_len"])
+        assert cfg.context == cfg.max_seq_len
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(loss="sparsemax"), "loss must be one of"),
+    (dict(d_model=30, n_heads=4), "divisible"),
+    (dict(h_cycles=0), "h_cycles"),
+    (dict(window=300), "window"),
+    (dict(full_bptt="yes"), "full_bptt"),
+])
+def test_config_errors(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        HRM_CODEGEN.make_config("micro", bad)
+
+
+# ============================================================================== stablemax
+
+
+def test_stablemax_by_hand():
+    # s(0)=1, s(1)=2, s(-1)=1/2, s(3)=4, s(-3)=1/4: sum 7.75
+    x = torch.tensor([[0.0, 1.0, -1.0, 3.0, -3.0]])
+    want = torch.tensor([[1.0, 2.0, 0.5, 4.0, 0.25]], dtype=torch.float64) / 7.75
+    assert torch.allclose(log_stablemax(x).exp(), want, rtol=0, atol=1e-15)
+    assert log_stablemax(x).dtype == torch.float64
+
+
+def test_stablemax_loss_by_hand():
+    model = build(loss="stablemax")
+    ids = rand_ids(1, 6, 0)
+    raw = torch.tensor([[0.0, 1.0, -1.0]])  # one position, vocabulary of 3, by hand
+    with torch.no_grad():
+        model.raw_logits = lambda input_ids, keep=None: raw.expand(1, input_ids.shape[1], 3)  # type: ignore
+        loss, _ = model.loss({"input_ids": ids[:, :2], "labels": torch.tensor([[1, -100]])})
+        probs = model.next_token_logprobs(ids[:, :2]).exp()
+    assert float(loss) == pytest.approx(-math.log(2 / 3.5), abs=1e-7)  # p = (1, 2, 0.5) / 3.5
+    assert torch.allclose(probs, torch.tensor([[1 / 3.5, 2 / 3.5, 0.5 / 3.5]]), atol=1e-7)
+
+
+def test_stablemax_model_scores_its_own_distribution():
+    model = build(loss="stablemax")
+    ids = rand_ids(2, 12, 1)
+    with torch.no_grad():
+        lp = model.token_logprobs(ids[:, :-1], ids[:, 1:])
+        want = log_stablemax(model.raw_logits(ids[:, :-1])).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        loss, _ = model.loss(batch_of(ids))
+    assert torch.allclose(lp.double(), want, atol=1e-6)
+    assert float(loss) == pytest.approx(-float(want.mean()), abs=1e-6)
+
+
+def test_softmax_loss_is_cross_entropy_and_tied_head_shares_the_embedding():
+    model = build(tie_embeddings=True)
+    assert model.lm_head is None
+    ids = rand_ids(2, 12, 2)
+    with torch.no_grad():
+        loss, _ = model.loss(batch_of(ids))
+        logits = model.hidden(ids[:, :-1]) @ model.embed.weight.T
+    assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())), abs=1e-6)
+    assert not any(n.endswith("init") for n, _ in model.named_parameters())  # the initial states are buffers
+    assert {"H_init", "L_init"} <= set(model.state_dict())
+
+
+# ============================================================================== one-step gradient
+
+
+def call_log(model):
+    """Record, per call of L and H, whether its output is part of the autograd graph."""
+    log = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: log.append((name, out.requires_grad)))
+             for name, m in (("L", model.L), ("H", model.H))]
+    return log, hooks
+
+
+@pytest.mark.parametrize("full_bptt", [False, True])
+def test_only_the_last_l_and_h_calls_build_a_graph(full_bptt):
+    model = build(h_cycles=3, l_cycles=2, full_bptt=full_bptt).train()
+    log, hooks = call_log(model)
+    model.loss(batch_of(rand_ids(2, 10, 3)))
+    for h in hooks:
+        h.remove()
+    assert [n for n, _ in log] == ["L", "L", "H"] * 3
+    graph = [g for _, g in log]
+    assert graph == ([True] * 9 if full_bptt else [False] * 7 + [True, True])
+
+
+def test_gradient_equals_a_manual_one_step_construction():
+    model = build(h_cycles=2, l_cycles=3, seed=1).train().double()
+    ids = rand_ids(2, 10, 4)
+    batch = batch_of(ids)
+    loss, _ = model.loss(batch)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    x_ids = batch["input_ids"]
+    b, t = x_ids.shape
+    cos, sin = model.rope_cos[:t].double(), model.rope_sin[:t].double()
+    x = model.embed_scale * model.embed(x_ids)
+    with torch.no_grad():  # 2 x 3 L calls and 2 H calls, minus the last of each
+        zh, zl = model.H_init.expand(b, t, -1), model.L_init.expand(b, t, -1)
+        for step in range(5):
+            zl = model.L(zl, zh + x, cos, sin)
+            if step == 2:
+                zh = model.H(zh, zl, cos, sin)
+    zl = model.L(zl.detach(), zh.detach() + x, cos, sin)
+    zh = model.H(zh.detach(), zl, cos, sin)
+    logits = model.lm_head(zh)
+    manual = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+    manual.backward()
+    assert float(manual.detach()) == pytest.approx(float(loss.detach()), rel=1e-12)
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], p.grad, rtol=1e-10, atol=1e-12), n
+    # and full BPTT's gradient differs (the early cycles contribute there)
+    model.config = dataclasses.replace(model.config, full_bptt=True)
+    model.zero_grad()
+    model.loss(batch)[0].backward()
+    assert not torch.allclose(got["L.layers.0.mlp.down.weight"], model.L.layers[0].mlp.down.weight.grad)
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of every tensor autograd saves for backward during one training loss: exactly the
+    activation memory the backward pass keeps alive (deterministic, unlike an allocator peak)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(batch_of(ids))
+    return total
+
+
+def test_activation_memory_does_not_grow_with_cycles_one_step_and_does_with_full_bptt():
+    ids = rand_ids(2, 17, 5)
+    one_step = {c: saved_bytes(build(h_cycles=c, l_cycles=c).train(), ids) for c in (1, 2, 8)}
+    full = {c: saved_bytes(build(h_cycles=c, l_cycles=c, full_bptt=True).train(), ids) for c in (1, 2, 8)}
+    assert one_step[1] == one_step[2] == one_step[8] > 0
+    assert full[1] == one_step[1]  # one cycle: nothing to cut
+    assert full[1] < full[2] < full[8]
+    # full BPTT keeps one L call's or H call's activations per call: 1+1 calls at c=1, c*c + c at c
+    per_call = (full[2] - full[1]) / (6 - 2)
+    assert full[8] - full[1] == pytest.approx(per_call * (72 - 2), rel=0.02)
+
+
+# ============================================================================== contract
+
+
+def test_causality_after_all_cycles():
+    model = build(h_cycles=3, l_cycles=2)
+    x = rand_ids(1, 24, 6)
+    t = torch.roll(x, -1, 1)
+    for j in (0, 7, 15, 23):
+        y = x.clone()
+        y[0, j] = (x[0, j] + 1) % V
+        with torch.no_grad():
+            a, b = model.token_logprobs(x, t), model.token_logprobs(y, t)
+        assert torch.equal(a[:, :j], b[:, :j]), j
+        assert not torch.equal(a[:, j:], b[:, j:]), j
+
+
+def test_next_token_logprobs_and_ragged_rows_match_token_logprobs():
+    model = build()
+    ids = rand_ids(2, 14, 7)
+    with torch.no_grad():
+        lp = model.token_logprobs(ids[:, :-1], ids[:, 1:])
+        for k in (1, 6, 13):
+            nxt = model.next_token_logprobs(ids[:, :k])
+            assert torch.allclose(nxt.gather(-1, ids[:, k : k + 1]).squeeze(-1), lp[:, k - 1], atol=1e-5)
+        ragged = model.next_token_logprobs(ids[:, :10], lengths=torch.tensor([4, 10]))
+        assert torch.allclose(ragged[0], model.next_token_logprobs(ids[:1, :4])[0], atol=1e-5)
+        assert torch.allclose(ragged[1], model.next_token_logprobs(ids[1:, :10])[0], atol=1e-5)
+
+
+def test_greedy_and_sampled_generation_recompute_over_the_window():
+    model = build(max_seq_len=16, window=12)
+    assert model.max_seq_len == 12
+    prompt = rand_ids(2, 9, 8)
+    with torch.no_grad():
+        out = model.generate(prompt, 8)
+        seq = prompt
+        for _ in range(8):  # by hand: argmax of the full forward over the last 12 tokens
+            nxt = model.next_token_logprobs(seq[:, -12:]).argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        assert out == seq[:, 9:].tolist()
+        a = model.generate(prompt, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+        b = model.generate(prompt, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert a == b and all(len(r) == 6 for r in a)
+
+
+def test_measured_flops_count_the_no_grad_cycles():
+    from hmst_bench.budget import count_flops
+
+    ids = rand_ids(2, 17, 9)
+
+    def step(model):
+        return count_flops(lambda: model.loss(batch_of(ids))[0].backward())[1]
+
+    f11, f22 = step(build(h_cycles=1, l_cycles=1).train()), step(build(h_cycles=2, l_cycles=2).train())
+    f33 = step(build(h_cycles=3, l_cycles=3).train())
+    model = build().train()
+    x = torch.randn(2, 16, 32)
+    cos, sin = model.rope_cos[:16], model.rope_sin[:16]
+    with torch.no_grad():
+        call = count_flops(lambda: model.L(x, x, cos, sin))[1]  # one forward L (or H) call
+    assert call > 0
+    # (2,2) adds 3 forward-only L calls and 1 forward-only H call to (1,1); (3,3) adds 8 + 2
+    assert f22 - f11 == 4 * call
+    assert f33 - f11 == 10 * call
+    full = step(build(h_cycles=2, l_cycles=2, full_bptt=True).train())
+    assert full > f22
+
+
+def test_save_load_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = build(seed=3)
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    again = build(seed=4)
+    assert not torch.equal(again.H_init, model.H_init)
+    again.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    ids = rand_ids(1, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(model.next_token_logprobs(ids), again.next_token_logprobs(ids))
