@@ -341,6 +341,15 @@ class CodeOptions:
                 "timeout": self.timeout}
 
 
+def _documents_scored(record: dict, task: str, metric: str, filt: str) -> Optional[int]:
+    """How many documents a metric averages: a task's metric may cover only some documents (e.g.
+    factqa's acc_seen), so count the samples that carry it; groups fall back to lm-eval's count."""
+    samples = (record.get("samples") or {}).get(task)
+    if samples:
+        return sum(1 for s in samples if metric in s and s.get("filter", filt) == filt)
+    return (record["n-samples"].get(task) or {}).get("effective")
+
+
 def summary_rows(record: dict) -> list[dict]:
     """Flat rows (task, metric, filter, n-shot, value, stderr) for tables: groups first, then
     tasks, skipping the subjects inside a group unless they are the suite's own tasks."""
@@ -359,7 +368,7 @@ def summary_rows(record: dict) -> list[dict]:
                 "task": name, "metric": metric, "filter": filt,
                 "n_shot": record["n-shot"].get(name), "value": value,
                 "stderr": stderr if isinstance(stderr, (int, float)) else None,
-                "n": (record["n-samples"].get(name) or {}).get("effective"),
+                "n": _documents_scored(record, name, metric, filt),
             })
     for key, module in POSTPROCESSORS.items():
         if record.get(key):
