@@ -272,3 +272,42 @@ def test_save_load_round_trip(tmp_path):
     ids = rand_ids(1, 10, 10)
     with torch.no_grad():
         assert torch.equal(model.next_token_logprobs(ids), again.next_token_logprobs(ids))
+
+
+# ============================================================================== end to end
+
+BUDGET = 5e9
+
+
+@pytest.fixture(scope="module")
+def hrm_run(bench_home, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hrm-codegen") / "run"
+    run_cli("train", "--arch", "hrm-codegen", "--size", "micro", "--budget", str(BUDGET), "--corpus", "synthetic-facts",
+            "--seq-len", "64", "--out", str(out), env={"HMST_BENCH_HOME": str(bench_home)})
+    return out
+
+
+def test_trains_through_the_cli(hrm_run):
+    from hmst_bench.train.rundir import load_run
+
+    info = json.loads((hrm_run / "run.json").read_text())
+    assert info["arch"] == "hrm-codegen" and info["status"] == "complete"
+    assert info["achieved_flops"] >= info["budget_flops"] == BUDGET
+    assert math.isfinite(info["val_loss"])
+    run = load_run(hrm_run)
+    ids = torch.tensor([run.tokenizer.encode("The city of", add_special_tokens=False)])
+    with torch.no_grad():
+        out = run.model.generate(ids, 5)
+        by_hand = run.model.next_token_logprobs(ids).argmax(-1)
+    assert len(out[0]) == 5 and out[0][0] == int(by_hand)
+
+
+def test_eval_through_the_cli(hrm_run, tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip("needs ../shared/data (HMST_BENCH_SHARED_DATA)")
+    home = {"HMST_BENCH_HOME": str(tmp_path / "home")}
+    run_cli("data", "import", "truthfulqa", str(SHARED_DATA / "truthfulqa"), env=home)
+    run_cli("eval", "--run", str(hrm_run), "--suite", "truthfulqa_mc1", "--limit", "2", env=home)
+    record = json.loads((hrm_run / "eval" / "truthfulqa_mc1.json").read_text())
+    assert 0.0 <= record["results"]["truthfulqa_mc1"]["acc,none"] <= 1.0
+    assert record["provenance"]["limit"] == 2 and record["provenance"]["requests"]["total"] > 0
