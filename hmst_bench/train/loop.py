@@ -268,26 +268,34 @@ def shared_loop(ctx: TrainContext) -> None:
     if ctx.resuming:
         ctx.restore()
     else:
-        fps = ctx.probe_flops(ctx.batches(0))
-        ctx.meter.flops_per_step = fps
-        if ctx.budget.kind == "tokens" and ctx.budget.amount < ctx.tokens_per_step:
-            raise TrainError(
-                f"budget {ctx.budget.text} is below one training step ({ctx.tokens_per_step} tokens at batch "
-                f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {ctx.tokens_per_step}tok or more"
-            )
-        if fps <= 0 and ctx.budget.kind == "flops":
-            raise TrainError(
-                f"{ctx.spec.name}: the FLOP counter saw no work in a training step; the model must declare "
-                "the cost of ops the counter cannot see with extra_flops(batch), or train with a token budget"
-            )
-        if ctx.budget.kind == "flops" and ctx.budget.amount < fps:
-            raise TrainError(
-                f"budget {ctx.budget.text} is below one training step ({fps:.3g} FLOPs at batch "
-                f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {_round_up(fps)} or more"
-            )
-        ctx.plan(ctx.budget.steps_for(fps, ctx.tokens_per_step))
+        start_budget(ctx, ctx.probe_flops(ctx.batches(0)))
     while not ctx.should_stop:
         ctx.train_step()
+
+
+def start_budget(ctx: TrainContext, flops_per_step: float, segments: int = 1) -> None:
+    """Fix a fresh run's FLOPs per optimiser step (measured on real batches), refuse a budget
+    below one step and plan the schedule. `segments`: optimiser steps a sequence stays in the
+    batch (a stage runner with deep supervision), so a token budget plans that many more steps."""
+    fps = flops_per_step
+    ctx.meter.flops_per_step = fps
+    if ctx.budget.kind == "tokens" and ctx.budget.amount < ctx.tokens_per_step:
+        raise TrainError(
+            f"budget {ctx.budget.text} is below one training step ({ctx.tokens_per_step} tokens at batch "
+            f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {ctx.tokens_per_step}tok or more"
+        )
+    if fps <= 0 and ctx.budget.kind == "flops":
+        raise TrainError(
+            f"{ctx.spec.name}: the FLOP counter saw no work in a training step; the model must declare "
+            "the cost of ops the counter cannot see with extra_flops(batch), or train with a token budget"
+        )
+    if ctx.budget.kind == "flops" and ctx.budget.amount < fps:
+        raise TrainError(
+            f"budget {ctx.budget.text} is below one training step ({fps:.3g} FLOPs at batch "
+            f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {_round_up(fps)} or more"
+        )
+    steps = ctx.budget.steps_for(fps, ctx.tokens_per_step)
+    ctx.plan(steps * segments if ctx.budget.kind == "tokens" else steps)
 
 
 def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]] = None) -> dict:
@@ -417,7 +425,7 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
                 info["flop_shares"] = {k: round(float(v), 6) for k, v in model.flop_shares(ctx.batches(0)[0]).items()}
         info.update({
             "status": status, "achieved_flops": meter.flops, "tokens": meter.tokens, "steps": meter.steps,
-            "flops_per_step": fps, "flops_per_token": (fps / tps) if fps else (meter.flops / meter.tokens if meter.tokens else None),
+            "flops_per_step": fps, "flops_per_token": (meter.flops / meter.tokens) if meter.tokens else ((fps / tps) if fps else None),
             "planned_steps": ctx.total_steps, "wall_seconds": round(ctx.elapsed, 3),
             "final_train_loss": ctx.last_loss if meter.steps else None,
             "val_loss": ctx.last_val.get("val_loss"), "val_bpb": ctx.last_val.get("val_bpb"), **extra,
