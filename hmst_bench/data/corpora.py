@@ -3,11 +3,16 @@
 - `stdlib-code`     the running Python's standard library source (tests and site-packages
                     excluded), one document per file, split by a hash of the file's path;
 - `synthetic-facts` the seeded fictional knowledge base of `hmst_bench.data.facts`;
+- `mbpp-train`      MBPP's train split (tasks 601-974) as (prompt, completion) examples for
+                    fine-tuning, validated on MBPP's validation split (511-600); the prompt is
+                    exactly the `mbpp` eval suite's and the completion `{code}\n[DONE]`, so
+                    `hmst_bench.data.examples` trains on the completion only. It reads the
+                    benchmark store (`hmst-bench data import mbpp PATH`);
 - `PATH`            a .txt file, a .jsonl file with a "text" field, or a folder of text files;
 - `hf:NAME[:CONFIG]` a Hugging Face dataset read in streaming mode (online; also a local
                     dataset folder), capped at `HF_MAX_BYTES` of text.
 
-A split by hash keeps every document on one side, so validation text is never trained on, and
+An example corpus keeps its benchmark's own splits. A split by hash keeps every document on one side, so validation text is never trained on, and
 adding a file moves no other file across the split. A corpus with too few documents to split
 that way (a single text file such as tiny Shakespeare) gives the last 2% of each document's
 lines to validation instead. The fingerprint (hash of every document) names the corpus in
@@ -26,7 +31,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-EMBEDDED = ("stdlib-code", "synthetic-facts")
+EMBEDDED = ("stdlib-code", "synthetic-facts", "mbpp-train")
 VAL_PERMILLE = 20  # 2% of documents go to validation
 MIN_DOCS_FOR_DOC_SPLIT = 50
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".c", ".h", ".js", ".ts", ".html", ".csv", ".tex"}
@@ -92,6 +97,47 @@ class Corpus:
         }
 
 
+@dataclass
+class ExampleCorpus(Corpus):
+    """A corpus of (prompt, completion) examples with fixed train and val splits; `documents`
+    (prompt + completion) train a tokenizer, `examples` feed `hmst_bench.data.examples`."""
+
+    _read_examples: Callable[[], dict[str, list[tuple[str, str, str]]]] = None  # split -> (id, prompt, completion)
+
+    @cached_property
+    def _examples(self) -> dict[str, list[tuple[str, str, str]]]:
+        parts = self._read_examples()
+        for split in ("train", "val"):
+            if not parts.get(split):
+                raise CorpusError(f"corpus {self.name!r} has no {split} examples")
+        return parts
+
+    @cached_property
+    def examples(self) -> dict[str, list[tuple[str, str]]]:
+        return {split: [(p, c) for _, p, c in rows] for split, rows in self._examples.items()}
+
+    @cached_property
+    def documents(self) -> list[tuple[str, str]]:
+        return [(f"{split}/{i}", p + c) for split, rows in self._examples.items() for i, p, c in rows]
+
+    @cached_property
+    def split(self) -> dict[str, list[str]]:
+        return {split: [p + c for p, c in pairs] for split, pairs in self.examples.items()}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(b"examples\0")
+        for split, rows in self._examples.items():
+            for i, p, c in rows:
+                h.update(f"{split}/{i}".encode() + b"\0" + hashlib.sha256(p.encode()).digest()
+                         + hashlib.sha256(c.encode()).digest())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kind": "examples",
+                "train_examples": len(self.examples["train"]), "val_examples": len(self.examples["val"])}
+
+
 # ----------------------------------------------------------------------------- readers
 
 
@@ -114,6 +160,17 @@ def _facts_docs() -> list[tuple[str, str]]:
     from hmst_bench.data import facts
 
     return facts.documents()
+
+
+def _mbpp_examples() -> dict[str, list[tuple[str, str, str]]]:
+    from hmst_bench.eval import store
+    from hmst_bench.eval.code import mbpp_completion, mbpp_prompt
+
+    try:
+        return {ours: [(str(r["task_id"]), mbpp_prompt(r), mbpp_completion(r)) for r in store.rows("mbpp", "full", split)]
+                for ours, split in (("train", "train"), ("val", "validation"))}
+    except store.StoreError as exc:
+        raise CorpusError(str(exc)) from None
 
 
 def _jsonl_docs(path: Path, prefix: str = "") -> list[tuple[str, str]]:
@@ -182,6 +239,8 @@ def load_corpus(spec: str) -> Corpus:
         return Corpus(spec, _stdlib_docs)
     if spec == "synthetic-facts":
         return Corpus(spec, _facts_docs)
+    if spec == "mbpp-train":
+        return ExampleCorpus(spec, lambda: [], _mbpp_examples)
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         if not name:

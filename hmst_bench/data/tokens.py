@@ -8,6 +8,7 @@ counter, a resumed run sees exactly the batches an uninterrupted one would, and 
 step are the same 8 whether they come as one batch, two accumulated micro-batches or two ranks.
 
 Validation uses fixed, non-overlapping windows from the start of the validation split.
+An example corpus is not packed: see `hmst_bench.data.examples`.
 """
 
 from __future__ import annotations
@@ -80,9 +81,16 @@ def _save_npy(path: str, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def encode_corpus(corpus, tok) -> TokenData:
-    """Tokenize both splits of `corpus` with `tok`, reusing the on-disk cache when present."""
+def encode_corpus(corpus, tok):
+    """Tokenize both splits of `corpus` with `tok`, reusing the on-disk cache when present.
+    An example corpus (`mbpp-train`) gives `hmst_bench.data.examples.ExampleData` instead,
+    encoded afresh (a few hundred short examples take well under a second)."""
     from hmst_bench.data.tokenizer import tokenizer_hash
+
+    if hasattr(corpus, "examples"):
+        from hmst_bench.data.examples import encode_examples
+
+        return encode_examples(corpus.examples["train"], corpus.examples["val"], tok)
 
     cache_dir = home() / "cache" / "tokens"
     arrays = {}

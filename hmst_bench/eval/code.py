@@ -212,6 +212,19 @@ def process_results(doc: dict, results: list) -> dict[str, float]:
     return {f"pass@{k}": pass_at_k(n, c, k) for k in sorted(set(_settings.ks)) if k <= n}
 
 
+def mbpp_prompt(row: dict) -> str:
+    """The prompt of the `mbpp` suite for one MBPP row (suites/mbpp/mbpp.yaml `doc_to_text`);
+    the `mbpp-train` fine-tuning corpus uses it, so training and evaluation prompts agree."""
+    tests = row["test_list"]
+    return (f"You are an expert Python programmer, and here is your task: {row['text']} "
+            f"Your code should pass these tests:\n\n{tests[0]}\n{tests[1]}\n{tests[2]}\n[BEGIN]\n")
+
+
+def mbpp_completion(row: dict) -> str:
+    """The answer the `mbpp` suite shows after a few-shot prompt (`doc_to_target` of a few-shot row)."""
+    return f"{row['code']}\n[DONE]"
+
+
 def mbpp_fewshot() -> list[dict]:
     """The three few-shot examples of lm-eval's mbpp task: tasks 2, 3 and 4 of the prompt split."""
     from hmst_bench.eval import store
