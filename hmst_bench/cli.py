@@ -138,12 +138,13 @@ def _parse_sets(values, arch: str | None):
         raise click.BadParameter(str(exc), param_hint="--set") from None
 
 
-def _recorded_arch(out: Path | None) -> str | None:
+def _recorded_arch(out: Path | None, key: str = "arch") -> str | None:
+    """The arch (or another field) recorded in OUT/run.json, or None."""
     if out is None or not (out / "run.json").exists():
         return None
     try:
-        return json.loads((out / "run.json").read_text()).get("arch")
-    except (OSError, json.JSONDecodeError):
+        return json.loads((out / "run.json").read_text()).get(key)
+    except (OSError, json.JSONDecodeError, AttributeError):
         return None
 
 
@@ -151,7 +152,7 @@ def _recorded_arch(out: Path | None) -> str | None:
 @click.option("--arch", help="Architecture name (see `hmst-bench list archs`).")
 @click.option("--budget", help="Compute: FLOPs (1e15, 3e13flops) or tokens (20Mtok).")
 @click.option("--size", type=click.Choice(["micro", "tiny", "small", "base"]), help="Size preset [default: tiny].")
-@click.option("--corpus", help="stdlib-code (default), synthetic-facts, a file/folder, or hf:NAME[:CONFIG].")
+@click.option("--corpus", help="stdlib-code (default), synthetic-facts, mbpp-train (fine-tuning), a file/folder, or hf:NAME[:CONFIG].")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/<arch>-<size>-<budget>-s<seed>-<time>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its last checkpoint left it.")
 @click.option("--seed", type=int, help="Seed for initialisation and data order [default: 0].")
@@ -164,17 +165,21 @@ def _recorded_arch(out: Path | None) -> str | None:
 @click.option("--warmup", type=click.IntRange(min=0), help="Warmup steps [default: 5% of the run].")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), help="Autocast precision [default: no].")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="Reuse the tokenizer of another run directory.")
+@click.option("--init-from", type=click.Path(path_type=Path),
+              help="Start a new run from a complete run's final weights, tokenizer, arch, size and config (fine-tuning).")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a config field (repeatable).")
 @click.option("--stage", help="Stage to train, for architectures trained in stages.")
 @click.option("--json", "as_json", is_flag=True, help="Print run.json to stdout when done.")
 def train(arch, budget, size, corpus, out, resume, seed, save_every, eval_every, seq_len, batch_size, grad_accum,
-          lr, warmup, mixed_precision, tokenizer, sets, stage, as_json) -> None:
+          lr, warmup, mixed_precision, tokenizer, init_from, sets, stage, as_json) -> None:
     """Train an architecture until its measured compute reaches --budget."""
     from hmst_bench.train.loop import TrainSettings, default_out
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out, the run directory to continue")
-    if not resume and arch is None and not (stage and _recorded_arch(out)):
+    if init_from is not None and not (init_from / "run.json").exists():
+        raise click.BadParameter(f"{init_from} is not a run directory (no run.json)", param_hint="--init-from")
+    if not resume and arch is None and init_from is None and not (stage and _recorded_arch(out)):
         raise click.UsageError("--arch is required (see `hmst-bench list archs`)")
     if not resume and budget is None:
         raise click.UsageError("--budget is required, e.g. --budget 1e15 (FLOPs) or --budget 20Mtok")
@@ -185,10 +190,10 @@ def train(arch, budget, size, corpus, out, resume, seed, save_every, eval_every,
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise click.UsageError("--out is required in a data-parallel launch (every rank must write the same run)")
-        out = default_out(arch, size or "tiny", budget, seed or 0)
+        out = default_out(arch or _recorded_arch(init_from), size or _recorded_arch(init_from, "size") or "tiny", budget, seed or 0)
     settings = TrainSettings(
         arch=arch, budget=budget, out=out, size=size, corpus=corpus, resume=resume, tokenizer=tokenizer,
-        overrides=_parse_sets(sets, arch or _recorded_arch(out)), stage=stage, seed=seed, batch_size=batch_size,
+        init_from=init_from, overrides=_parse_sets(sets, arch or _recorded_arch(init_from) or _recorded_arch(out)), stage=stage, seed=seed, batch_size=batch_size,
         seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup=warmup, mixed_precision=mixed_precision,
         save_every=save_every, eval_every=eval_every,
     )

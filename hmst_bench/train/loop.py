@@ -1,7 +1,9 @@
 """`train(settings)`: from a `hmst-bench train` command line to a finished run directory.
 
     resolve arch, size, config and recipe (for --resume: from run.json, refusing any change)
-    -> tokenizer (trained on the corpus, or reused from --tokenizer RUN) -> packed token data
+    (--init-from RUN: arch, size and config from RUN, a new run starting from its final weights)
+    -> tokenizer (trained on the corpus, or reused from --tokenizer RUN or --init-from RUN)
+    -> packed token data (or masked prompt/completion rows for an example corpus)
     -> build the model under the seed -> accelerate (devices, DDP, mixed precision)
     -> the architecture's stage runner, or `shared_loop`: probe FLOPs per step on the real first
        batch, refuse a budget below one step, plan the schedule, step until achieved >= budget
@@ -45,6 +47,7 @@ class TrainSettings:
     corpus: Optional[str] = None
     resume: bool = False
     tokenizer: Optional[Path] = None
+    init_from: Optional[Path] = None  # a complete run whose final weights, tokenizer and config start this one
     overrides: dict = field(default_factory=dict)
     stage: Optional[str] = None
     # recipe fields (None: Recipe default or recorded value)
@@ -77,6 +80,9 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
     given_corpus = settings.corpus
     if given_corpus and not given_corpus.startswith("hf:") and Path(given_corpus).expanduser().exists():
         given_corpus = str(Path(given_corpus).expanduser().resolve())  # so --resume works from any folder
+    init = _init_from(settings, registry) if settings.init_from is not None else None
+    if init is not None and (out / rundir.RUN_FILE).exists():
+        raise TrainError(f"{out} already holds a run; --init-from starts a new run: choose another --out")
     if settings.resume:
         try:
             recorded = rundir.read_info(out)
@@ -92,7 +98,7 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
             raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         previous = _previous_stage(out, settings, registry)
 
-    base = recorded or previous or {}
+    base = recorded or previous or init or {}
     arch = settings.arch or base.get("arch")
     if not arch:
         raise TrainError("--arch is required (see `hmst-bench list archs`)")
@@ -105,7 +111,10 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
         "size": settings.size or base.get("size") or DEFAULTS["size"],
         "corpus": given_corpus or base.get("corpus_spec") or DEFAULTS["corpus"],
         "budget": settings.budget or (recorded or {}).get("budget"),
-        "stage": settings.stage or (recorded or {}).get("stage") or (spec.stages[0] if spec.stages else None),
+        "stage": settings.stage or (recorded or init or {}).get("stage") or (spec.stages[0] if spec.stages else None),
+        "init_from": (recorded or {}).get("init_from") or (init and {
+            "run": str(Path(settings.init_from).resolve()), "arch": init["arch"], "config_hash": init.get("config_hash"),
+            "achieved_flops": init.get("achieved_flops"), "corpus_spec": init.get("corpus_spec")}),
     }
     if previous is not None and choices["size"] != previous["size"]:
         raise TrainError(f"{out} was trained at --size {previous['size']}; a later stage keeps the size")
@@ -117,8 +126,8 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
         raise TrainError(f"{arch} trains in a single stage; drop --stage")
 
     try:
-        if previous is not None:  # a later stage starts from the earlier stage's config, plus --set
-            config = _replace(config_from_dict(spec.config_cls, previous["config"]), **settings.overrides)
+        if previous is not None or init is not None:  # start from the earlier stage's (RUN's) config, plus --set
+            config = _replace(config_from_dict(spec.config_cls, (previous or init)["config"]), **settings.overrides)
         elif recorded is not None and not settings.overrides and settings.size is None:
             config = config_from_dict(spec.config_cls, recorded["config"])
         else:
@@ -153,6 +162,36 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
     if recipe.mixed_precision not in ("no", "bf16", "fp16"):
         raise TrainError("--mixed-precision must be no, bf16 or fp16")
     return spec, choices, config, recipe, recorded, previous
+
+
+def _init_from(settings: TrainSettings, registry) -> dict:
+    """`--init-from RUN`: RUN's run.json, after refusing what cannot start a new run from it."""
+    from hmst_bench.plugins import ArchitectureNotFound
+
+    run = Path(settings.init_from)
+    if settings.resume:
+        raise TrainError("--init-from starts a new run; --resume continues the run in --out from its own checkpoint: drop one")
+    if settings.tokenizer is not None:
+        raise TrainError(f"--init-from uses the tokenizer of {run}; drop --tokenizer")
+    try:
+        init = rundir.read_info(run)
+    except rundir.RunError as exc:
+        raise TrainError(f"--init-from: {exc}") from None
+    if init.get("status") != "complete":
+        raise TrainError(f"--init-from {run}: the run is {init.get('status')}, not complete; "
+                         f"finish it with `hmst-bench train --resume --out {run}` first")
+    if not (run / rundir.WEIGHTS_FILE).exists():
+        raise TrainError(f"--init-from {run}: no {rundir.WEIGHTS_FILE} in the run directory")
+    if settings.arch is not None:
+        try:
+            name = registry.arch(settings.arch).name
+        except ArchitectureNotFound as exc:
+            raise TrainError(str(exc)) from None
+        if name != init.get("arch"):
+            raise TrainError(f"{run} is a {init.get('arch')} run; --init-from keeps its architecture: drop --arch {settings.arch}")
+    if settings.size is not None and settings.size != init.get("size"):
+        raise TrainError(f"{run} was trained at --size {init.get('size')}; --init-from keeps its size: drop --size {settings.size}")
+    return init
 
 
 def _previous_stage(out: Path, settings: TrainSettings, registry) -> dict:
@@ -229,6 +268,9 @@ def _tokenizer(settings: TrainSettings, choices: dict, config, corpus, recorded)
     try:
         if recorded is not None:
             tok, source = load_tokenizer(settings.out), recorded.get("tokenizer", {}).get("source", "trained")
+        elif choices.get("init_from"):
+            run = choices["init_from"]["run"]
+            tok, source = load_tokenizer(run), f"run:{run}"
         elif settings.tokenizer is not None:
             tok, source = load_tokenizer(settings.tokenizer), f"run:{Path(settings.tokenizer).resolve()}"
         else:
@@ -370,6 +412,8 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
             raise TrainError(f"cannot start stage {choices['stage']} from the earlier stage: {exc}") from None
         if hasattr(model, "load_artifacts"):
             model.load_artifacts(out)
+    elif not resuming and choices["init_from"]:
+        _load_init(model, Path(choices["init_from"]["run"]))
     elif not resuming and hasattr(model, "prepare"):
         model.prepare(data.train)  # state derived from the training data, e.g. a Huffman tree
     model.train()
@@ -406,7 +450,9 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
         "budget_tokens": int(budget.amount) if budget.kind == "tokens" else None,
         "params_total": params_total, "params_active": params_active,
         "corpus_spec": choices["corpus"],
-        "corpus": {**corpus.describe(), **({"python": python_tag()} if choices["corpus"] == "stdlib-code" else {})},
+        "corpus": {**corpus.describe(), **({"python": python_tag()} if choices["corpus"] == "stdlib-code" else {}),
+                   **getattr(data, "describe", dict)()},
+        **({"init_from": choices["init_from"]} if choices["init_from"] else {}),
         "tokenizer": tok_info, "training": {**recipe.as_dict(), "world_size": accelerator.num_processes,
                      "save_every": save_every, "eval_every": eval_every},
         "versions": rundir.versions((spec.distribution,) if spec.distribution else ()),
@@ -468,6 +514,19 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
     ctx.validate()
     ctx.checkpoint()
     return record("complete")
+
+
+def _load_init(model, run: Path) -> None:
+    """--init-from: RUN's final weights (strict) and artifacts replace the initialisation."""
+    try:
+        rundir.load_weights(model, run / rundir.WEIGHTS_FILE)
+    except rundir.RunError as exc:
+        raise TrainError(f"cannot start from {run}: {exc}") from None
+    if hasattr(model, "load_artifacts"):
+        try:
+            model.load_artifacts(run)
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"cannot start from {run}: cannot load the model's artifacts: {exc}") from None
 
 
 def _report_divergence(exc: TrainingDiverged, record, out: Path) -> None:
