@@ -22,7 +22,8 @@ V = 97
 
 
 def build(seed=0, **overrides) -> HRMCodeGen:
-    values = dict(vocab_size=V, max_seq_len=32, d_model=32, n_heads=4, h_layers=1, l_layers=1)
+    """A small model; one segment unless asked (the segment tests ask)."""
+    values = dict(vocab_size=V, max_seq_len=32, d_model=32, n_heads=4, h_layers=1, l_layers=1, segments=1)
     values.update(overrides)
     torch.manual_seed(seed)
     return HRMCodeGen(HRMCodeGenConfig(**values)).eval()
@@ -311,3 +312,173 @@ def test_eval_through_the_cli(hrm_run, tmp_path):
     record = json.loads((hrm_run / "eval" / "truthfulqa_mc1.json").read_text())
     assert 0.0 <= record["results"]["truthfulqa_mc1"]["acc,none"] <= 1.0
     assert record["provenance"]["limit"] == 2 and record["provenance"]["requests"]["total"] > 0
+
+
+# ============================================================================== segments (inference)
+
+
+def test_inference_runs_every_segment_from_the_carried_state():
+    model = build(h_cycles=2, l_cycles=2, segments=3, seed=2).train()
+    ids = rand_ids(2, 12, 11)
+    log, hooks = call_log(model)
+    loss, _ = model.loss(batch_of(ids))
+    for h in hooks:
+        h.remove()
+    assert [n for n, _ in log] == ["L", "L", "H"] * 6  # 3 segments of 2 H cycles
+    assert [g for _, g in log] == [False] * 16 + [True, True]  # detached carry: only the last calls
+    # by hand: segment() three times, the state passed on
+    x, cos, sin = model.inputs(ids[:, :-1])
+    zh, zl = model.initial_state(x)
+    with torch.no_grad():
+        for _ in range(3):
+            zh, zl = model.segment(x, zh, zl, cos, sin)
+        assert torch.equal(model.hidden(ids[:, :-1]), zh)
+        one = build(h_cycles=2, l_cycles=2, segments=1, seed=2)
+        assert not torch.allclose(one.hidden(ids[:, :-1]), zh)  # the later segments change the result
+
+
+def test_causality_after_all_cycles_and_segments():
+    model = build(h_cycles=2, l_cycles=2, segments=3, act=True)
+    x = rand_ids(1, 24, 12)
+    t = torch.roll(x, -1, 1)
+    for j in (0, 9, 23):
+        y = x.clone()
+        y[0, j] = (x[0, j] + 1) % V
+        with torch.no_grad():
+            a, b = model.token_logprobs(x, t), model.token_logprobs(y, t)
+        assert torch.equal(a[:, :j], b[:, :j]), j
+        assert not torch.equal(a[:, j:], b[:, j:]), j
+
+
+def test_activation_memory_does_not_grow_with_segments():
+    ids = rand_ids(2, 17, 13)
+    assert saved_bytes(build(segments=1).train(), ids) == saved_bytes(build(segments=4).train(), ids)
+
+
+def test_q_head_is_pooled_over_real_tokens_and_starts_at_continue():
+    class Tok:
+        pad_token_id = 0
+
+    model = HRMCodeGen(HRMCodeGenConfig(vocab_size=V, max_seq_len=32, d_model=32, n_heads=4, h_layers=1, l_layers=1,
+                                        segments=2), Tok())
+    assert torch.equal(model.q_head.bias.data, torch.tensor([-5.0, -5.0]))  # halt == continue: no halting at first
+    torch.nn.init.normal_(model.q_head.weight)
+    z = torch.randn(2, 5, 32)
+    ids = torch.tensor([[3, 4, 5, 0, 0], [3, 4, 5, 6, 7]])
+    q = model.q_logits(z, ids)
+    assert torch.allclose(q[0], model.q_head(z[0, :3].mean(0)), atol=1e-6)  # padding left out of the mean
+    assert torch.allclose(q[1], model.q_head(z[1].mean(0)), atol=1e-6)
+    assert build(segments=2, act=False).q_head is None and build(segments=1, act=True).q_head is None
+
+
+# ============================================================================== deep supervision and ACT (the stage runner)
+
+RUNNER = dict(size="micro", seq_len=16, batch_size=4, eval_every=1000, save_every=1000)
+
+
+@pytest.fixture(scope="module")
+def toy_corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hrm-corpus") / "corpus.txt"
+    path.write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(300)))
+    return path
+
+
+def train_hrm(out, corpus, budget, progress=None, **overrides):
+    from hmst_bench.train.loop import TrainSettings, train
+
+    cfg = dict(h_cycles=1, l_cycles=2)
+    cfg.update(overrides)
+    return train(TrainSettings(arch="hrm-codegen", budget=str(budget), corpus=str(corpus), out=out, overrides=cfg,
+                               **RUNNER), progress=progress)
+
+
+def slot_log(seen):
+    """A progress callback recording each step's carried slots (steps run, halted) per row."""
+
+    def record(ctx):
+        slots = ctx.extra_state["slots"][0]
+        seen.append((slots["steps"].clone(), slots["halted"].clone()))
+
+    return record
+
+
+def force_q(bias):
+    """A progress callback pinning the Q-head to constant (halt, continue) logits after each step."""
+
+    def pin(ctx):
+        with torch.no_grad():
+            ctx.model.q_head.weight.zero_()
+            ctx.model.q_head.bias.copy_(torch.tensor(bias))
+
+    return pin
+
+
+def both(*callbacks):
+    return lambda ctx: [cb(ctx) for cb in callbacks]
+
+
+def test_act_never_exceeds_its_maximum_segments(toy_corpus, tmp_path):
+    seen = []
+    # the Q-head always says "continue": every sequence must still halt at `segments`
+    train_hrm(tmp_path / "a", toy_corpus, "500tok", both(force_q([-20.0, 20.0]), slot_log(seen)), segments=3)
+    assert len(seen) >= 9
+    for steps, halted in seen[1:]:  # step 1 ran with the initial (untied) Q-head
+        assert int(steps.max()) <= 3
+        assert torch.equal(halted, steps == 3)
+
+
+@pytest.mark.parametrize("explore", [0.0, 1.0])
+def test_act_halts_early_when_q_says_so_unless_exploring(toy_corpus, tmp_path, explore):
+    seen = []
+    train_hrm(tmp_path / "b", toy_corpus, "500tok", both(force_q([20.0, -20.0]), slot_log(seen)),
+              segments=4, halt_exploration_prob=explore)
+    lengths = [int(s) for steps, halted in seen[2:] for s, h in zip(steps, halted) if h]
+    assert lengths and max(lengths) <= 4
+    if explore == 0.0:
+        assert set(lengths) == {1}  # halt > continue: every sequence stops after one segment
+    else:  # every sequence drew a minimum of 2..4 segments and halts exactly there
+        assert min(lengths) >= 2 and len(set(lengths)) > 1
+
+
+def test_budget_charges_every_segment_and_the_act_target_pass(toy_corpus, tmp_path):
+    from hmst_bench.budget import count_flops
+    from hmst_bench.train.rundir import load_run
+
+    off = train_hrm(tmp_path / "off", toy_corpus, "1e8", segments=2, act=False)
+    on = train_hrm(tmp_path / "on", toy_corpus, "1e8", segments=2, act=True)
+    one = train_hrm(tmp_path / "one", toy_corpus, "1e8", segments=1)
+    assert off["flops_per_step"] == one["flops_per_step"]  # a step is one segment either way
+    # ACT adds one forward segment without gradients (its target) and the Q-head: a linear layer
+    # d -> 2 on B pooled rows, 4*B*d FLOPs forward, 8*B*d backward, 4*B*d for the target's Q
+    model = load_run(tmp_path / "on").model
+    b, t, d = RUNNER["batch_size"], RUNNER["seq_len"], model.config.d_model
+    ids = torch.zeros(b, t, dtype=torch.long)
+    x, cos, sin = model.inputs(ids)
+    with torch.no_grad():
+        segment = count_flops(lambda: model.segment(x, *model.initial_state(x), cos, sin))[1]
+    assert on["flops_per_step"] - off["flops_per_step"] == segment + 16 * b * d
+    # every step is charged; a sequence's tokens count once, when it halts after its segments
+    budget = 6 * off["flops_per_step"]
+    six = train_hrm(tmp_path / "six", toy_corpus, budget, segments=2, act=False)
+    assert six["steps"] == 6 and six["achieved_flops"] == budget
+    assert six["tokens"] == 3 * b * t and six["flops_per_token"] == 2 * off["flops_per_step"] / (b * t)
+
+
+def test_interrupted_deep_supervision_resumes_exactly(toy_corpus, tmp_path):
+    import os
+    import signal
+
+    from hmst_bench.train.loop import TrainSettings, train
+
+    full = train_hrm(tmp_path / "A", toy_corpus, "600tok", segments=3, halt_exploration_prob=0.5)
+
+    def interrupt_at_step_5(ctx):
+        if ctx.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler turns it into a clean stop
+
+    cut = train_hrm(tmp_path / "B", toy_corpus, "600tok", interrupt_at_step_5, segments=3, halt_exploration_prob=0.5)
+    assert cut["status"] == "interrupted" and cut["steps"] == 5
+    resumed = train(TrainSettings(out=tmp_path / "B", resume=True))
+    assert resumed["status"] == "complete"
+    assert (resumed["steps"], resumed["tokens"]) == (full["steps"], full["tokens"])
+    assert resumed["final_train_loss"] == full["final_train_loss"] and resumed["val_loss"] == full["val_loss"]

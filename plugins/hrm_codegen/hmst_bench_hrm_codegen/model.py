@@ -3,12 +3,15 @@
 Two modules of equal width, L (fast) and H (slow), each a stack of post-norm transformer blocks
 (parameter-free RMSNorm, RoPE, SwiGLU, bias-free causal attention through
 `scaled_dot_product_attention(is_causal=True)`). Starting from fixed initial states z_H, z_L (one
-frozen vector each, broadcast over positions), a forward pass runs h_cycles times:
+frozen vector each, broadcast over positions), a segment runs h_cycles times:
 
     l_cycles times:  z_L <- L(z_L + z_H + x)        (x: the scaled token embedding)
     then once:       z_H <- H(z_H + z_L)
 
-and the head reads z_H. One-step gradient (the reference's approximation): every call but the
+and the head reads z_H. Inference runs `segments` segments in a row, each starting from the
+state the previous one left; training runs one segment per optimiser step with the state carried
+between steps (deep supervision, `deep_supervision.py`), where an optional Q-head (`q_logits`,
+pooled over positions) learns when a sequence may halt (ACT). One-step gradient (the reference's approximation): every call but the
 final L call and the final H call runs under `torch.no_grad()`, so activation memory does not grow
 with the cycles; `full_bptt=True` backpropagates through all of them. Every call is causal, so the
 whole recurrence is: position t never sees a later token, in any cycle.
@@ -150,6 +153,12 @@ class HRMCodeGen(SoftmaxLM):
         self.L = ReasoningModule(config, config.l_layers)
         self.H = ReasoningModule(config, config.h_layers)
         self.lm_head = None if config.tie_embeddings else Linear(d, config.vocab_size)
+        self.pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.q_head = None
+        if config.act and config.segments > 1:  # halting needs a choice; as the reference: says "continue" at first
+            self.q_head = nn.Linear(d, 2)
+            nn.init.zeros_(self.q_head.weight)
+            nn.init.constant_(self.q_head.bias, -5.0)
         # fixed initial states: drawn once, never trained, saved with the weights
         self.register_buffer("H_init", trunc_normal_(torch.empty(d), 1.0), persistent=True)
         self.register_buffer("L_init", trunc_normal_(torch.empty(d), 1.0), persistent=True)
@@ -159,18 +168,25 @@ class HRMCodeGen(SoftmaxLM):
 
     # ------------------------------------------------------------------ recurrence
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """z_H [B, T, d] after all cycles (the head's input)."""
-        b, t = input_ids.shape
+    def inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, cos, sin): the scaled token embedding and the RoPE tables for these positions."""
+        t = input_ids.shape[1]
         if t > self.config.max_seq_len:
             raise ValueError(f"{t} tokens exceed the model's window of {self.config.max_seq_len}")
-        cfg = self.config
         x = self.embed_scale * self.embed(input_ids)
-        cos, sin = self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype)
-        z_h = self.H_init.to(x.dtype).expand(b, t, -1)
-        z_l = self.L_init.to(x.dtype).expand(b, t, -1)
+        return x, self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype)
+
+    def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed (z_H, z_L) every sequence starts from, broadcast to x's shape."""
+        return self.H_init.to(x.dtype).expand_as(x), self.L_init.to(x.dtype).expand_as(x)
+
+    def segment(self, x: torch.Tensor, z_h: torch.Tensor, z_l: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One segment from (z_h, z_l): h_cycles x {l_cycles L calls, one H call}. Every call but
+        the final L and the final H runs without gradients, unless full_bptt."""
+        cfg = self.config
         early = nullcontext() if cfg.full_bptt else torch.no_grad()
-        with early:  # every call but the last L and the last H
+        with early:
             for h_step in range(cfg.h_cycles):
                 last_h = h_step == cfg.h_cycles - 1
                 for l_step in range(cfg.l_cycles):
@@ -180,13 +196,32 @@ class HRMCodeGen(SoftmaxLM):
                 if not last_h:
                     z_h = self.H(z_h, z_l, cos, sin)
         z_l = self.L(z_l, z_h + x, cos, sin)  # the one-step gradient goes through these two calls
-        return self.H(z_h, z_l, cos, sin)
+        return self.H(z_h, z_l, cos, sin), z_l
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """z_H [B, T, d] after all `segments` segments from the initial state: the head's input at
+        inference. As in training, the state passed from one segment to the next is detached."""
+        x, cos, sin = self.inputs(input_ids)
+        z_h, z_l = self.initial_state(x)
+        with torch.no_grad():
+            for _ in range(self.config.segments - 1):
+                z_h, z_l = self.segment(x, z_h, z_l, cos, sin)
+        return self.segment(x, z_h, z_l, cos, sin)[0]
+
+    def head(self, z_h: torch.Tensor) -> torch.Tensor:
+        return F.linear(z_h, self.embed.weight) if self.lm_head is None else self.lm_head(z_h)
+
+    def q_logits(self, z_h: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, 2] (halt, continue) logits from z_H averaged over each row's real tokens. Under a
+        causal mask position 0 has seen one token, so the reference's read of position 0 would
+        decide from the first token alone; the mean summarises the whole sequence."""
+        real = (input_ids != self.pad_id).unsqueeze(-1).to(z_h.dtype) if self.pad_id is not None else torch.ones_like(z_h[..., :1])
+        pooled = (z_h * real).sum(1) / real.sum(1).clamp_min(1)
+        return self.q_head(pooled).float()
 
     def raw_logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
         h = self.hidden(input_ids)
-        if keep is not None:
-            h = h[:, keep]
-        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+        return self.head(h if keep is None else h[:, keep])
 
     # ------------------------------------------------------------------ contract
 
@@ -197,13 +232,40 @@ class HRMCodeGen(SoftmaxLM):
         return raw if self.config.loss == "softmax" else log_stablemax(raw).float()
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
-        raw = self.raw_logits(batch["input_ids"])
-        labels = batch["labels"]
+        """Without a carried state: the loss of the model as inference runs it (all segments).
+        With "z_h"/"z_l" in the batch (the deep-supervision runner): one segment from that state;
+        aux["state"] is the new detached state. With "steps" as well (segments already run per
+        row, ACT on): the Q-head losses are added, their target from one more segment (no grad)."""
+        ids, labels = batch["input_ids"], batch["labels"]
+        if "z_h" not in batch:
+            return self.lm_loss(self.raw_logits(ids), labels), {}
+        x, cos, sin = self.inputs(ids)
+        z_h, z_l = self.segment(x, batch["z_h"], batch["z_l"], cos, sin)
+        raw = self.head(z_h)
+        lm = self.lm_loss(raw, labels)
+        aux = {"state": (z_h.detach(), z_l.detach()), "lm_loss": lm.detach()}
+        if "steps" not in batch or self.q_head is None:
+            return lm, aux
+        q = self.q_logits(z_h, ids)
+        with torch.no_grad():
+            live = labels != IGNORE_INDEX
+            # "correct" is the segment's next-token accuracy on the row (the reference's exact
+            # match of a whole sequence is almost never reached by a language model)
+            accuracy = ((raw.argmax(-1) == labels) & live).sum(-1) / live.sum(-1).clamp_min(1)
+            next_q = self.q_logits(self.segment(x, z_h.detach(), z_l.detach(), cos, sin)[0], ids)
+            last = batch["steps"] + 1 >= self.config.segments
+            target = torch.sigmoid(torch.where(last, next_q[:, 0], next_q.max(-1).values))
+        q_halt_loss = F.binary_cross_entropy_with_logits(q[:, 0], accuracy.float())
+        q_continue_loss = F.binary_cross_entropy_with_logits(q[:, 1], target)
+        aux.update(q=q.detach(), q_halt_loss=q_halt_loss.detach(), q_continue_loss=q_continue_loss.detach())
+        return lm + self.config.q_loss_weight * (q_halt_loss + q_continue_loss), aux
+
+    def lm_loss(self, raw: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled positions (softmax or stablemax)."""
         if self.config.loss == "softmax":
             logits = raw if raw.dtype == torch.float64 else raw.float()  # float64 stays (exact tests)
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-            return loss, {}
+            return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         live = labels != IGNORE_INDEX
         logp = log_stablemax(raw).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         loss = -(logp * live).sum() / live.sum().clamp_min(1)
-        return (loss if raw.dtype == torch.float64 else loss.float()), {}
+        return loss if raw.dtype == torch.float64 else loss.float()

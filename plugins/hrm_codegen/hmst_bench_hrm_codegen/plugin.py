@@ -18,8 +18,10 @@ LOSSES = ("softmax", "stablemax")
 @dataclass
 class HRMCodeGenConfig:
     """H and L modules of width d_model (post-norm RMSNorm / RoPE / SwiGLU blocks, causal
-    attention). Per forward pass: h_cycles times {l_cycles L steps, then one H step}; only the last
-    L and H calls get gradients unless full_bptt."""
+    attention). A segment: h_cycles times {l_cycles L steps, then one H step}; only the last L and
+    H calls get gradients unless full_bptt. Training (deep supervision): a sequence stays in the
+    batch for up to `segments` optimiser steps, its detached state carried from one to the next;
+    with `act` a pooled Q-head decides when it halts. Inference runs all `segments` segments."""
 
     vocab_size: int = 8192
     max_seq_len: int = 256
@@ -30,6 +32,10 @@ class HRMCodeGenConfig:
     h_cycles: int = 2
     l_cycles: int = 2
     full_bptt: bool = False  # backpropagate through every cycle (comparison; memory grows with cycles)
+    segments: int = 2  # deep supervision: most segments per sequence (the reference uses up to 16)
+    act: bool = True  # adaptive computation time: a Q-head halts sequences before `segments`
+    halt_exploration_prob: float = 0.1  # chance a sequence must run a random 2..segments segments
+    q_loss_weight: float = 0.5  # total loss = lm + weight * (q_halt + q_continue)
     tie_embeddings: bool = False  # the reference keeps the LM head apart from the embedding
     loss: str = "softmax"  # or "stablemax" (the reference's s(x) = x+1 / 1/(1-x) normaliser)
     window: Optional[int] = None  # context the model reads (scoring, decoding); None: max_seq_len
@@ -50,7 +56,11 @@ class HRMCodeGenConfig:
             raise ConfigError(f"d_model / n_heads ({self.d_model // self.n_heads}) must be even for RoPE")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        for name in ("full_bptt", "tie_embeddings"):
+        if not 0.0 <= self.halt_exploration_prob <= 1.0:
+            raise ConfigError(f"halt_exploration_prob must be in [0, 1], got {self.halt_exploration_prob}")
+        if not self.q_loss_weight >= 0.0:
+            raise ConfigError(f"q_loss_weight must be >= 0, got {self.q_loss_weight}")
+        for name in ("full_bptt", "tie_embeddings", "act"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} is a boolean: use {name}=true or {name}=false")
         if self.window is not None:
@@ -78,12 +88,19 @@ def _build(config, tokenizer):
     return HRMCodeGen(config, tokenizer)
 
 
+def _run_stage(ctx):
+    from hmst_bench_hrm_codegen.deep_supervision import run
+
+    run(ctx)
+
+
 HRM_CODEGEN = ArchSpec(
     name="hrm-codegen",
     description="Causal Hierarchical Reasoning Model (H/L recurrent modules, one-step gradient) for code",
     config_cls=HRMCodeGenConfig,
     sizes=SIZES,
     build=_build,
+    stage_runner=_run_stage,
 )
 
 
