@@ -482,3 +482,59 @@ def test_interrupted_deep_supervision_resumes_exactly(toy_corpus, tmp_path):
     assert resumed["status"] == "complete"
     assert (resumed["steps"], resumed["tokens"]) == (full["steps"], full["tokens"])
     assert resumed["final_train_loss"] == full["final_train_loss"] and resumed["val_loss"] == full["val_loss"]
+
+
+def test_peak_memory_is_the_same_at_2_and_8_cycles():
+    """The resident set's rise during a training step, measured by the OS (see memory.py):
+    one-step gradient equal at 2 and 8 H cycles; full BPTT visibly larger already at 2."""
+    from hmst_bench_hrm_codegen.memory import training_peak_bytes
+
+    base = dict(vocab_size=1024, max_seq_len=256, d_model=256, n_heads=4, h_layers=1, l_layers=1, l_cycles=2, segments=1)
+    two, eight = (training_peak_bytes({**base, "h_cycles": c}, batch=4, seq_len=256) for c in (2, 8))
+    bptt = training_peak_bytes({**base, "h_cycles": 2, "full_bptt": True}, batch=4, seq_len=256)
+    assert two > 16 * 2**20
+    assert eight == pytest.approx(two, rel=0.05)
+    assert bptt > 1.5 * two
+
+
+@pytest.fixture(scope="module")
+def mbpp_store(tmp_path_factory):
+    if not SHARED_DATA.is_dir():
+        pytest.skip("needs ../shared/data (HMST_BENCH_SHARED_DATA)")
+    home = tmp_path_factory.mktemp("mbpp-home")
+    run_cli("data", "import", "mbpp", str(SHARED_DATA / "mbpp"), env={"HMST_BENCH_HOME": str(home)})
+    return home
+
+
+def test_overfits_eight_mbpp_problems(mbpp_store, monkeypatch):
+    """The fine-tuning objective (prompt tokens masked, as --corpus mbpp-train) on 8 MBPP-train
+    problems: the micro model learns their solutions until the training loss is near zero."""
+    from hmst_bench.data.examples import encode_examples
+    from hmst_bench.data.tokenizer import train_tokenizer
+    from hmst_bench.eval import store
+    from hmst_bench.eval.code import mbpp_completion, mbpp_prompt
+
+    monkeypatch.setenv("HMST_BENCH_HOME", str(mbpp_store))
+    rows = store.rows("mbpp", "full", "train")[:8]
+    pairs = [(mbpp_prompt(r), mbpp_completion(r)) for r in rows]
+    tok = train_tokenizer([p + c for p, c in pairs], 1024)  # 833: every merge these texts allow
+    data = encode_examples(pairs, pairs, tok)
+    seq = 352  # the longest example is 321 tokens: none cropped
+    data.check_seq_len(seq)
+    assert data.describe()["examples"]["train"] == {**data.describe()["examples"]["train"], "cropped": 0, "skipped": 0}
+    batch = data.batch(0, 0, 0, 0, 8, seq)
+    live = batch["labels"] != -100
+    assert int(live.sum()) > 8 * 20 and not bool(live[:, 0].any())  # completions only
+    torch.manual_seed(0)
+    model = HRMCodeGen(HRMCodeGenConfig(vocab_size=len(tok), max_seq_len=seq, d_model=64, n_heads=4, h_layers=1,
+                                        l_layers=1, segments=1), tok).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(150):
+        loss, _ = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(loss.detach()) if first is None else first
+    last = float(loss.detach())
+    assert first > 5.0 and last < 0.05, (first, last)  # from about ln(833) = 6.7 to near zero
