@@ -10,6 +10,8 @@ Prints one JSON object:
   hrm/dense ratios of both;
 - inference: forward FLOPs per token (counted) and scoring tokens/s (`token_logprobs` on the same
   batch, best of 3), hrm/dense ratios;
+- greedy decoding tokens/s (batch 1, 64-token prompt, 64 new tokens): hrm-codegen with its
+  per-call KV cache and with full recomputation (same tokens), and dense-llama with its cache;
 - memory: the resident set's rise during one training step (hmst_bench_hrm_codegen.memory) at 2
   and 8 H cycles with the one-step gradient and with full BPTT, and their ratios.
 
@@ -62,6 +64,33 @@ def inference(run_dir: Path, batch: int) -> tuple[float, float]:
     return flops / (batch * t), batch * t / best
 
 
+def decoding(run_dir: Path, prompt: int, new: int) -> dict:
+    """Greedy tokens/s, batch 1, `prompt` + `new` tokens inside the window: the model's own
+    `generate` (hrm-codegen: per-call KV cache) and, for hrm-codegen, full recomputation."""
+    import torch
+
+    from hmst_bench.modeling import SoftmaxLM, decode_loop
+    from hmst_bench.train.rundir import load_run
+
+    run = load_run(run_dir)
+    model = run.model.eval()
+    ids = torch.randint(0, len(run.tokenizer), (1, prompt), generator=torch.Generator().manual_seed(1))
+
+    def rate(fn) -> tuple[float, list]:
+        fn()  # warm
+        start = time.perf_counter()
+        out = fn()
+        return new / (time.perf_counter() - start), out
+
+    with torch.no_grad():
+        cached, a = rate(lambda: model.generate(ids, new))
+        result = {"tokens_per_s": round(cached, 1)}
+        if hasattr(model, "H"):
+            plain, b = rate(lambda: decode_loop(lambda t, s: SoftmaxLM.decode_step(model, t, s), ids, new))
+            result.update(recompute_tokens_per_s=round(plain, 1), cache_speedup=round(cached / plain, 3), same_tokens=a == b)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny")
@@ -99,6 +128,9 @@ def main() -> None:
                                "flops_per_token_ratio": round(hf / df, 4),
                                "hrm_tokens_per_s": round(hs, 1), "dense_tokens_per_s": round(ds, 1),
                                "tokens_per_s_ratio": round(hs / ds, 4)}
+        hrm_dec, dense_dec = (decoding(Path(tmp) / arch, 64, 64) for arch in ("hrm-codegen", "dense-llama"))
+        result["greedy_decoding"] = {"prompt": 64, "new_tokens": 64, "hrm": hrm_dec, "dense": dense_dec,
+                                     "hrm_vs_dense": round(hrm_dec["tokens_per_s"] / dense_dec["tokens_per_s"], 4)}
 
     config = dict(get_registry().arch("hrm-codegen").make_config(args.size).__dict__)
     config = {k: config[k] for k in ("vocab_size", "max_seq_len", "d_model", "n_heads", "h_layers", "l_layers", "l_cycles")}

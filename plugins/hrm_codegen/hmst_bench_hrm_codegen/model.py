@@ -94,11 +94,25 @@ class Attention(nn.Module):
         self.qkv = Linear(d_model, 3 * d_model)
         self.out = Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        """x [B, t, d] at the positions cos/sin belong to. With `cache` (decoding): the keys and
+        values of this call's earlier positions are read from it, and the new ones appended."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif t == 1:  # one new position sees every cached one
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # new position i sees keys up to past + i
+            mask = torch.arange(past + t, device=x.device)[None, :] <= torch.arange(past, past + t, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -122,8 +136,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.d_model, config.d_ff)
         self.eps = config.rms_norm_eps
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(h + self.attn(h, cos, sin), self.eps)
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        h = rms_norm(h + self.attn(h, cos, sin, cache), self.eps)
         return rms_norm(h + self.mlp(h), self.eps)
 
 
@@ -134,10 +148,12 @@ class ReasoningModule(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(Block(config) for _ in range(n_layers))
 
-    def forward(self, state: torch.Tensor, injection: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: torch.Tensor, injection: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                caches: Optional[list] = None) -> torch.Tensor:
+        """`caches`: one dict per layer holding this call's keys and values (decoding only)."""
         h = state + injection
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None if caches is None else caches[i])
         return h
 
 
@@ -168,23 +184,27 @@ class HRMCodeGen(SoftmaxLM):
 
     # ------------------------------------------------------------------ recurrence
 
-    def inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, cos, sin): the scaled token embedding and the RoPE tables for these positions."""
-        t = input_ids.shape[1]
-        if t > self.config.max_seq_len:
-            raise ValueError(f"{t} tokens exceed the model's window of {self.config.max_seq_len}")
+    def inputs(self, input_ids: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, cos, sin): the scaled token embedding and the RoPE tables of positions
+        start .. start + T - 1."""
+        end = start + input_ids.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(f"{end} tokens exceed the model's window of {self.config.max_seq_len}")
         x = self.embed_scale * self.embed(input_ids)
-        return x, self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype)
+        return x, self.rope_cos[start:end].to(x.dtype), self.rope_sin[start:end].to(x.dtype)
 
     def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed (z_H, z_L) every sequence starts from, broadcast to x's shape."""
         return self.H_init.to(x.dtype).expand_as(x), self.L_init.to(x.dtype).expand_as(x)
 
     def segment(self, x: torch.Tensor, z_h: torch.Tensor, z_l: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                sin: torch.Tensor, caches=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One segment from (z_h, z_l): h_cycles x {l_cycles L calls, one H call}. Every call but
-        the final L and the final H runs without gradients, unless full_bptt."""
+        the final L and the final H runs without gradients, unless full_bptt. `caches` (decoding):
+        an iterator giving each module call, in order, its own per-layer key/value caches."""
         cfg = self.config
+        L = self.L if caches is None else (lambda *a: self.L(*a, next(caches)))
+        H = self.H if caches is None else (lambda *a: self.H(*a, next(caches)))
         early = nullcontext() if cfg.full_bptt else torch.no_grad()
         with early:
             for h_step in range(cfg.h_cycles):
@@ -192,21 +212,22 @@ class HRMCodeGen(SoftmaxLM):
                 for l_step in range(cfg.l_cycles):
                     if last_h and l_step == cfg.l_cycles - 1:
                         break
-                    z_l = self.L(z_l, z_h + x, cos, sin)
+                    z_l = L(z_l, z_h + x, cos, sin)
                 if not last_h:
-                    z_h = self.H(z_h, z_l, cos, sin)
-        z_l = self.L(z_l, z_h + x, cos, sin)  # the one-step gradient goes through these two calls
-        return self.H(z_h, z_l, cos, sin), z_l
+                    z_h = H(z_h, z_l, cos, sin)
+        z_l = L(z_l, z_h + x, cos, sin)  # the one-step gradient goes through these two calls
+        return H(z_h, z_l, cos, sin), z_l
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, start: int = 0, caches=None) -> torch.Tensor:
         """z_H [B, T, d] after all `segments` segments from the initial state: the head's input at
-        inference. As in training, the state passed from one segment to the next is detached."""
-        x, cos, sin = self.inputs(input_ids)
+        inference. As in training, the state passed from one segment to the next is detached.
+        Decoding passes the tokens after `start` and `caches` holding every call's earlier keys."""
+        x, cos, sin = self.inputs(input_ids, start)
         z_h, z_l = self.initial_state(x)
         with torch.no_grad():
             for _ in range(self.config.segments - 1):
-                z_h, z_l = self.segment(x, z_h, z_l, cos, sin)
-        return self.segment(x, z_h, z_l, cos, sin)[0]
+                z_h, z_l = self.segment(x, z_h, z_l, cos, sin, caches)
+        return self.segment(x, z_h, z_l, cos, sin, caches)[0]
 
     def head(self, z_h: torch.Tensor) -> torch.Tensor:
         return F.linear(z_h, self.embed.weight) if self.lm_head is None else self.lm_head(z_h)
@@ -218,6 +239,32 @@ class HRMCodeGen(SoftmaxLM):
         real = (input_ids != self.pad_id).unsqueeze(-1).to(z_h.dtype) if self.pad_id is not None else torch.ones_like(z_h[..., :1])
         pooled = (z_h * real).sum(1) / real.sum(1).clamp_min(1)
         return self.q_head(pooled).float()
+
+    @staticmethod
+    def _call_caches(store: list, layers: int):
+        """Yield, call after call, that module call's per-layer caches (created on first use)."""
+        i = 0
+        while True:
+            if i == len(store):
+                store.append([{} for _ in range(layers)])
+            yield store[i]
+            i += 1
+
+    def decode_step(self, new_tokens: torch.Tensor, state) -> tuple[torch.Tensor, dict]:
+        """Exact KV-cached decoding step. Every module call of every segment keeps its own keys and
+        values: all calls are causal, so appending a token changes no earlier position's state in
+        any call, and caching them per call is exact. Once the sequence outgrows the window the
+        positions would shift, so every further step re-encodes the last `window` tokens (exact,
+        O(window^2) per token), as dense-llama does."""
+        seq = new_tokens if state is None else torch.cat([state["seq"], new_tokens], dim=1)
+        if seq.shape[1] > self.max_seq_len:
+            return self.next_token_logprobs(seq), {"seq": seq, "caches": None}
+        store = [] if state is None else state["caches"]
+        tokens, start = (seq, 0) if state is None else (new_tokens, seq.shape[1] - new_tokens.shape[1])
+        slots = self._call_caches(store, max(self.config.h_layers, self.config.l_layers))
+        raw = self.head(self.hidden(tokens, start, slots)[:, -1:])
+        logits = raw if self.config.loss == "softmax" else log_stablemax(raw)
+        return torch.log_softmax(logits[:, -1].float(), dim=-1), {"seq": seq, "caches": store}
 
     def raw_logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
         h = self.hidden(input_ids)
