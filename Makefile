@@ -40,6 +40,7 @@ bench: $(STAMP) sandbox-tools
 	$(PY) benchmarks/train_throughput.py
 	HMST_BENCH_SHARED_DATA="$(SHARED_DATA)" $(PY) benchmarks/eval_throughput.py
 	$(PY) benchmarks/hsm_head.py
+	$(PY) benchmarks/hrm.py
 	HMST_BENCH_SHARED_DATA="$(SHARED_DATA)" $(PY) benchmarks/sandbox_throughput.py
 
 clean:
