@@ -37,6 +37,16 @@ def fresh_registry():
     use_registry(previous)
 
 
+def store_home(home: Path, *benchmarks: str) -> Path:
+    """`home` as an HMST_BENCH_HOME whose benchmark store holds `benchmarks`, imported from
+    ../shared/data through the CLI as a user would; skips the test when that folder is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("needs ../shared/data (HMST_BENCH_SHARED_DATA)")
+    for name in benchmarks:
+        run_cli("data", "import", name, str(SHARED_DATA / name), env={"HMST_BENCH_HOME": str(home)})
+    return home
+
+
 def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `hmst-bench ARGS` in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, run_cli, store_home
 from hmst_bench.eval import sandbox
 from hmst_bench.eval.code import CodeEvalError, parse_ks, pass_at_k, pass_at_k_table, program
 
@@ -61,12 +61,7 @@ def test_programs_are_built_as_the_reference_harnesses_do():
 
 @pytest.fixture(scope="module")
 def code_home(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("needs ../shared/data (HMST_BENCH_SHARED_DATA)")
-    home = tmp_path_factory.mktemp("code-home")
-    for name in ("humaneval", "mbpp"):
-        run_cli("data", "import", name, str(SHARED_DATA / name), env={"HMST_BENCH_HOME": str(home)})
-    return home
+    return store_home(tmp_path_factory.mktemp("code-home"), "humaneval", "mbpp")
 
 
 @needs_data

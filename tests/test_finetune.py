@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, run_cli, store_home
 from hmst_bench.arch import IGNORE_INDEX
 from hmst_bench.data.examples import ExampleData
 
@@ -112,11 +112,7 @@ needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../share
 
 @pytest.fixture(scope="module")
 def mbpp_home(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("needs ../shared/data (HMST_BENCH_SHARED_DATA)")
-    home = tmp_path_factory.mktemp("mbpp-home")
-    run_cli("data", "import", "mbpp", str(SHARED_DATA / "mbpp"), env={"HMST_BENCH_HOME": str(home)})
-    return home
+    return store_home(tmp_path_factory.mktemp("mbpp-home"), "mbpp")
 
 
 @needs_data

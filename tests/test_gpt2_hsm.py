@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_cli
+from conftest import run_cli, store_home
 from hmst_bench_gpt2_hsm.head import HSMHead
 from hmst_bench_gpt2_hsm.tree import HuffmanTree, build_tree
 
@@ -746,11 +746,7 @@ def test_lm_eval_loglikelihood_is_the_summed_path_logprobs(hsm_run):
 
 @pytest.fixture(scope="module")
 def eval_home(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("needs ../shared/data (HMST_BENCH_SHARED_DATA)")
-    home = tmp_path_factory.mktemp("hsm-eval-home")
-    run_cli("data", "import", "truthfulqa", str(SHARED_DATA / "truthfulqa"), env={"HMST_BENCH_HOME": str(home)})
-    return home
+    return store_home(tmp_path_factory.mktemp("hsm-eval-home"), "truthfulqa")
 
 
 def test_eval_through_the_cli(hsm_run, eval_home):

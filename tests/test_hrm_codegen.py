@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_cli
+from conftest import run_cli, store_home
 from hmst_bench import ConfigError
 from hmst_bench_hrm_codegen.model import HRMCodeGen, log_stablemax
 from hmst_bench_hrm_codegen.plugin import HRM_CODEGEN, HRMCodeGenConfig
@@ -326,10 +326,7 @@ def test_trains_through_the_cli(hrm_run):
 
 
 def test_eval_through_the_cli(hrm_run, tmp_path):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("needs ../shared/data (HMST_BENCH_SHARED_DATA)")
-    home = {"HMST_BENCH_HOME": str(tmp_path / "home")}
-    run_cli("data", "import", "truthfulqa", str(SHARED_DATA / "truthfulqa"), env=home)
+    home = {"HMST_BENCH_HOME": str(store_home(tmp_path / "home", "truthfulqa"))}
     run_cli("eval", "--run", str(hrm_run), "--suite", "truthfulqa_mc1", "--limit", "2", env=home)
     record = json.loads((hrm_run / "eval" / "truthfulqa_mc1.json").read_text())
     assert 0.0 <= record["results"]["truthfulqa_mc1"]["acc,none"] <= 1.0
@@ -508,11 +505,7 @@ def test_peak_memory_is_the_same_at_2_and_8_cycles():
 
 @pytest.fixture(scope="module")
 def mbpp_store(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("needs ../shared/data (HMST_BENCH_SHARED_DATA)")
-    home = tmp_path_factory.mktemp("mbpp-home")
-    run_cli("data", "import", "mbpp", str(SHARED_DATA / "mbpp"), env={"HMST_BENCH_HOME": str(home)})
-    return home
+    return store_home(tmp_path_factory.mktemp("mbpp-home"), "mbpp")
 
 
 def test_overfits_eight_mbpp_problems(mbpp_store, monkeypatch):

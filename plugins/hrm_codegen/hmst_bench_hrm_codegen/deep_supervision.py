@@ -89,7 +89,7 @@ def _halting(ctx: TrainContext, slots: Slots, q: Optional[torch.Tensor], micro: 
 def _step(ctx: TrainContext, carried: list[Optional[Slots]]) -> tuple[list[Slots], float, dict, int]:
     """One optimiser step's forward and backward over every micro-batch; returns the updated
     slots, the mean total loss, aux metrics and the number of rows that halted."""
-    model, cfg = ctx.model, ctx.config
+    model = ctx.model
     act = model.q_head is not None
     fresh = ctx.batches(ctx.step)
     n = len(fresh)
