@@ -1,0 +1,206 @@
+"""HMST's base language model: a causal MoE transformer (stage 1 of HMST).
+
+Pre-norm blocks: RMSNorm -> bias-free multi-head attention with RoPE (causal
+`scaled_dot_product_attention`) -> residual; RMSNorm -> MoE feed-forward (`moe.MoE`; every
+`moe_every`-th layer, the others a dense SwiGLU of the same width) -> residual. A final RMSNorm
+and a vocabulary head, tied to the embedding or not.
+
+One forward pass (`forward_all`) gives the final hidden states, the logits (only at the kept
+positions) and the routing statistics; `encode`, `logits` and `loss` all use it, so a query
+costs one pass. `loss` = next-token cross-entropy + balance_coef * balance + z_loss_coef * z.
+
+Decoding is KV-cached and exact: each layer keeps the keys and values of the positions seen so
+far. RoPE tables cover exactly the window; once the sequence outgrows the window, positions would
+shift, so every further step re-encodes the last `max_seq_len` tokens (exact, O(window^2) per
+token, as dense-llama does). No position beyond the window is ever indexed.
+
+The episodic (SSM) and semantic memories of HMST are not part of this model yet (see README).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hmst_bench.arch import IGNORE_INDEX
+from hmst_bench.modeling import SoftmaxLM
+from hmst_bench_hmst.moe import MoE, RouterStats
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd], cos/sin [T, hd] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, init_std: float, out_std: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        nn.init.normal_(self.qkv.weight, std=init_std)
+        nn.init.normal_(self.out.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[dict]) -> torch.Tensor:
+        """x [B, t, d] at the positions of cos/sin. With a cache (decoding) earlier keys and
+        values are read from it and this call's appended."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif t == 1:  # the one new position sees every cached one
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # new position past + i sees keys 0 .. past + i
+            mask = torch.arange(past + t, device=x.device)[None, :] <= torch.arange(past, past + t, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class SwiGLU(nn.Module):
+    """The dense feed-forward of layers without experts (moe_every > 1)."""
+
+    def __init__(self, d_model: int, d_ff: int, init_std: float, out_std: float):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+        nn.init.normal_(self.gate_up.weight, std=init_std)
+        nn.init.normal_(self.down.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up), None
+
+
+class Block(nn.Module):
+    def __init__(self, config, use_moe: bool):
+        super().__init__()
+        out_std = config.init_std / math.sqrt(2 * config.n_layers)
+        self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.attn = Attention(config.d_model, config.n_heads, config.init_std, out_std)
+        self.ffn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        if use_moe:
+            self.ffn = MoE(config.d_model, config.expert_d_ff, config.n_experts, config.top_k, config.init_std)
+        else:
+            self.ffn = SwiGLU(config.d_model, config.expert_d_ff, config.init_std, out_std)
+
+    def forward(self, h, cos, sin, cache=None) -> tuple[torch.Tensor, Optional[RouterStats]]:
+        h = h + self.attn(self.attn_norm(h), cos, sin, cache)
+        y, stats = self.ffn(self.ffn_norm(h))
+        return h + y, stats
+
+
+class HMSTModel(SoftmaxLM):
+    def __init__(self, config, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.max_seq_len = config.max_seq_len
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.embed.weight, std=config.init_std)
+        self.layers = nn.ModuleList(Block(config, (i + 1) % config.moe_every == 0) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.head = None
+        if not config.tie_embeddings:
+            self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            nn.init.normal_(self.head.weight, std=config.init_std)
+        cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    # ------------------------------------------------------------------ one forward pass
+
+    def forward_all(self, input_ids: torch.Tensor, keep: Optional[slice] = None, start: int = 0,
+                    caches: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+        """(final hidden states [B, T, d], logits [B, T or len(keep), V], routing stats per MoE
+        layer) from one pass over input_ids, which sit at positions start .. start + T - 1."""
+        t = input_ids.shape[1]
+        if start + t > self.max_seq_len:
+            raise ValueError(f"positions up to {start + t} exceed the model's window of {self.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        h = self.embed(input_ids)
+        stats = []
+        for i, layer in enumerate(self.layers):
+            h, s = layer(h, cos, sin, None if caches is None else caches[i])
+            if s is not None:
+                stats.append(s)
+        h = self.norm(h)
+        return h, self.project(h if keep is None else h[:, keep]), stats
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, T, d] (what a memory module will read)."""
+        return self.forward_all(input_ids, keep=slice(0, 0))[0]
+
+    def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
+        return self.forward_all(input_ids, keep)[1]
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        _, logits, stats = self.forward_all(batch["input_ids"])
+        lm = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        aux = {"lm_loss": lm.detach()}
+        total = lm
+        if stats:
+            balance = torch.stack([s.balance_loss for s in stats]).mean()
+            z = torch.stack([s.z_loss for s in stats]).mean()
+            total = lm + self.config.balance_coef * balance + self.config.z_loss_coef * z
+            load = torch.stack([s.load for s in stats]).mean(dim=0)
+            aux.update(balance_loss=balance.detach(), z_loss=z.detach(), expert_load_max=load.max())
+            aux.update({f"load_e{i}": f for i, f in enumerate(load)})
+        return total, aux
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: everything except the (n_experts - top_k) experts of each
+        MoE layer it is not routed to (a tied head is counted once)."""
+        total = sum(p.numel() for p in self.parameters())
+        idle = sum((m.n_experts - m.top_k) * m.params_per_expert() for m in self.modules() if isinstance(m, MoE))
+        return total - idle
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode_step(self, new_tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, dict]:
+        """Exact KV-cached step; past the window, re-encode the last max_seq_len tokens."""
+        seq = new_tokens if state is None else torch.cat([state["seq"], new_tokens], dim=1)
+        if seq.shape[1] > self.max_seq_len:
+            return self.next_token_logprobs(seq), {"seq": seq, "caches": None}
+        if state is None:
+            caches, tokens, start = [{} for _ in self.layers], seq, 0
+        else:
+            caches, tokens, start = state["caches"], new_tokens, seq.shape[1] - new_tokens.shape[1]
+        last = tokens.shape[1] - 1
+        logits = self.forward_all(tokens, slice(last, last + 1), start, caches)[1]
+        return torch.log_softmax(logits[:, -1].float(), dim=-1), {"seq": seq, "caches": caches}
