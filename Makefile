@@ -41,6 +41,7 @@ bench: $(STAMP) sandbox-tools
 	HMST_BENCH_SHARED_DATA="$(SHARED_DATA)" $(PY) benchmarks/eval_throughput.py
 	$(PY) benchmarks/hsm_head.py
 	$(PY) benchmarks/hrm.py
+	$(PY) benchmarks/hmst.py
 	HMST_BENCH_SHARED_DATA="$(SHARED_DATA)" $(PY) benchmarks/sandbox_throughput.py
 
 clean:
