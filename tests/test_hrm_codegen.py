@@ -540,3 +540,26 @@ def test_overfits_eight_mbpp_problems(mbpp_store, monkeypatch):
         first = float(loss.detach()) if first is None else first
     last = float(loss.detach())
     assert first > 5.0 and last < 0.05, (first, last)  # from about ln(833) = 6.7 to near zero
+
+
+def test_deep_supervision_on_two_processes_matches_one(toy_corpus, tmp_path):
+    """torchrun with 2 CPU ranks x batch 4 against 1 process x batch 8: the same rows, the same
+    exploration draws (drawn per global row), so the same halting, tokens and losses."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", "--arch", "hrm-codegen", "--size", "micro", "--corpus", str(toy_corpus), "--seq-len", "16",
+            "--budget", "1500tok", "--set", "h_cycles=1", "--set", "segments=3", "--set", "halt_exploration_prob=0.5",
+            "--eval-every", "1000", "--json"]
+    single = json.loads(run_cli(*args, "--batch-size", "8", "--out", str(tmp_path / "one")).stdout)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hmst_bench.cli"]
+    proc = subprocess.run([*torchrun, *args, "--batch-size", "4", "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout)
+    assert two["training"]["world_size"] == 2 and two["status"] == "complete"
+    assert (two["steps"], two["tokens"]) == (single["steps"], single["tokens"])
+    assert two["flops_per_step"] == pytest.approx(single["flops_per_step"], rel=1e-9)
+    assert two["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=1e-3)

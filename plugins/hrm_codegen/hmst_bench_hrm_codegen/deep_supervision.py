@@ -77,12 +77,18 @@ def _halting(ctx: TrainContext, slots: Slots, q: Optional[torch.Tensor], micro: 
     if q is None:
         return halted
     halted = halted | (q[:, 0] > q[:, 1])
-    # exploration draws from a generator seeded by (seed, step, rank, micro): resumes replay it
-    seed = hash((ctx.recipe.seed, ctx.step, ctx.accelerator.process_index, micro)) % (2**63)
-    g = torch.Generator().manual_seed(seed)
-    b = steps.shape[0]
-    explore = torch.rand(b, generator=g) < cfg.halt_exploration_prob
-    minimum = torch.where(explore, torch.randint(2, cfg.segments + 1, (b,), generator=g), 0).to(steps.device)
+    # exploration is drawn for the step's whole global batch from (seed, step) and sliced like
+    # the data (TokenData.batch), so a row's draw is the same on any number of processes and a
+    # resumed run replays it
+    r = ctx.recipe
+    world = ctx.accelerator.num_processes
+    total = r.batch_size * r.grad_accum * world
+    g = torch.Generator().manual_seed(r.seed * 1_000_003 + ctx.step)
+    explore_all = torch.rand(total, generator=g) < cfg.halt_exploration_prob
+    minimum_all = torch.randint(2, cfg.segments + 1, (total,), generator=g)
+    first = (ctx.accelerator.process_index * r.grad_accum + micro) * r.batch_size
+    rows = slice(first, first + steps.shape[0])
+    minimum = torch.where(explore_all[rows], minimum_all[rows], 0).to(steps.device)
     return halted & (steps >= minimum)
 
 
