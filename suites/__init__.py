@@ -43,6 +43,9 @@ def builtin_suites() -> list[SuiteSpec]:
         SuiteSpec("factqa", "synthetic-facts closed-book QA (4,062 questions): accuracy, hallucination and abstention "
                   "rates, seen/unseen; 5 samples each for the self-consistency AUROC",
                   tasks=("factqa", "factqa_sc"), task_dir=str(HERE / "factqa")),
+        SuiteSpec("longctx", "key-value and passkey recall at 1x, 4x and 16x the model's window (100 documents each), "
+                  "multiple choice of 10 (chance 0.1), accuracy and needle-in-window fraction per length",
+                  tasks=("longctx",), task_dir=str(HERE / "longctx")),
     ]
     for category in MMLU_CATEGORIES:
         suites.append(SuiteSpec(f"mmlu_{category}", f"MMLU {category.replace('_', ' ')} subjects",

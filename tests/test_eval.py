@@ -168,7 +168,7 @@ def _fails(*args, match: str, env: dict):
 def test_bad_input_is_one_line(evaluated, home, tmp_path):
     run = evaluated[0]
     env = {"HMST_BENCH_HOME": str(home)}
-    _fails("eval", "--run", str(run), "--suite", "mmlu,nosuch", match="unknown suite 'nosuch'; known: factqa, gsm8k, humaneval, mbpp, mmlu", env=env)
+    _fails("eval", "--run", str(run), "--suite", "mmlu,nosuch", match="unknown suite 'nosuch'; known: factqa, gsm8k, humaneval, longctx, mbpp, mmlu", env=env)
     _fails("eval", "--run", str(run), "--suite", "mmlu", "--limit", "0", match="--limit must be at least 1", env=env)
     _fails("eval", "--run", str(tmp_path), "--suite", "mmlu", match="is not a run directory", env=env)
     no_weights = tmp_path / "unfinished"

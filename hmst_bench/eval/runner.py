@@ -38,7 +38,8 @@ DEFAULT_SEEDS = (0, 1234, 1234, 1234)
 # it; stored under record[key]; out_dir is RUN/eval, for figures) and summary_rows(record) ->
 # rows in summary_rows' format, which the CLI table and `--json` show after lm-eval's metrics.
 POSTPROCESSORS: dict[str, str] = {"hallucination": "hmst_bench.eval.hallucination",
-                                  "calibration": "hmst_bench.eval.calibration"}
+                                  "calibration": "hmst_bench.eval.calibration",
+                                  "longctx": "hmst_bench.eval.longctx"}
 
 
 class EvalError(ValueError):
@@ -135,6 +136,7 @@ def evaluate(
     import lm_eval
     import torch
 
+    from hmst_bench.eval import longctx
     from hmst_bench.eval.lm import HmstBenchLM
     from hmst_bench.train.rundir import git_sha, load_run, read_info
 
@@ -166,7 +168,8 @@ def evaluate(
         started = time.time()
         before = dict(lm.computed)
         tasks, gen_kwargs = code.tasks(suite, manager)
-        with code.execution(suite):
+        # longctx builds its documents for this model's window and tokenizer (hmst_bench.eval.longctx)
+        with code.execution(suite), longctx.context(lm.max_length, lm.tokenizer):
             out = _simple_evaluate(lm_eval, lm, tasks, gen_kwargs, num_fewshot, limit, cache, use_cache, manager, seeds,
                                    unsafe=suite.executes_code)
             sandbox = code.attach_outcomes(suite, out)
