@@ -76,7 +76,6 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
         x = x.reshape(-1, self.d_model)
-        n_tokens = x.shape[0]
         logits, probs, top_e, weights = self.route(x)
 
         # Sort the N*k (token, slot) pairs by expert: expert e's pairs become one slice.
