@@ -188,14 +188,15 @@ def test_cli_start_does_not_import_torch():
 
 def test_builtin_suites_are_listed():
     """The core's own `suites` entry point registers mmlu (+ 4 categories + 57 subjects),
-    truthfulqa (+ mc1, mc2), gsm8k, humaneval, mbpp and factqa; the table folds the subjects
-    into one row."""
+    truthfulqa (+ mc1, mc2), gsm8k, humaneval, mbpp, factqa and longctx; the table folds the
+    subjects into one row."""
     import json
 
     from conftest import run_cli
 
     listed = {r["name"]: r for r in json.loads(run_cli("list", "suites", "--json").stdout)}
-    assert len(listed) == 1 + 4 + 57 + 3 + 1 + 3
+    assert len(listed) == 1 + 4 + 57 + 3 + 1 + 3 + 1
+    assert listed["longctx"]["tasks"] == ["longctx"]
     assert listed["humaneval"]["tasks"] == ["humaneval"] and listed["factqa"]["tasks"] == ["factqa", "factqa_sc"]
     assert listed["truthfulqa"]["tasks"] == ["truthfulqa_mc1", "truthfulqa_mc2"]
     assert listed["mmlu_virology"]["distribution"] == "hmst-bench"
