@@ -10,7 +10,7 @@ Prints one JSON object:
   policy: flat up to 100k, then HNSW): build time, query p50/p99 for k = 5, recall@5 against
   exact search on 200 queries, resident memory.
 
-    python benchmarks/hmst.py [--size tiny] [--faiss-n 1000000]
+    python benchmarks/hmst.py [--size tiny] [--faiss-n 1000000] [--faiss-sweep 64,128,256,512]
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--faiss-n", type=int, default=1_000_000)
     parser.add_argument("--faiss-dim", type=int, default=64)
+    parser.add_argument("--faiss-sweep", default="", help="efSearch (HNSW) or nprobe (IVF-PQ) values to measure too, e.g. 64,128,256,512")
     args = parser.parse_args()
 
     from hmst_bench_hmst.semantic import benchmark as faiss_benchmark
@@ -81,7 +82,8 @@ def main() -> None:
     result = {"moe": moe_vs_dense(args.size, args.batch, args.repeats)}
     rows = [benchmark_scan(b, 1024, d, 16, backward=bw) for (b, d) in ((2, 64), (4, 128)) for bw in (False, True)]
     result["scan"] = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-    result["faiss"] = faiss_benchmark(n=args.faiss_n, dim=args.faiss_dim)
+    sweep = tuple(int(v) for v in args.faiss_sweep.split(",") if v.strip())
+    result["faiss"] = faiss_benchmark(n=args.faiss_n, dim=args.faiss_dim, sweep=sweep)
     print(json.dumps(result))
 
 

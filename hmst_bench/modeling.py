@@ -4,6 +4,10 @@
   drawing from `sampling_probs` (the filtered distribution itself, for tests and tools);
 - `decode_loop`: the one generation loop every architecture shares (stop sequences, finished
   rows, max_new_tokens), driven by a per-architecture `step` function that may keep a KV cache;
+- `rope_tables` / `apply_rope` / `causal_attention`: rotary position tables, their rotate-half
+  application, and causal scaled-dot-product attention that can append to and read from a
+  per-layer KV cache (one new token, a block of them, or a whole prompt), shared by the plugins
+  that write their own transformer blocks;
 - `SoftmaxLM`: a base class for models with a full-vocabulary logits head; a subclass writes
   `logits(input_ids, keep=None)` and gets `loss`, `score`, `token_logprobs`, `next_token_logprobs`
   and an O(n^2) cache-free `generate`; it overrides `decode_step` to add a KV cache.
@@ -24,6 +28,42 @@ from hmst_bench.arch import IGNORE_INDEX
 
 # step(new_tokens [B, n], state) -> (next-token log-probs [B, V], new state); state None at first
 DecodeStep = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [positions, head_dim] float32 for the rotate-half RoPE convention (Llama's),
+    computed in float64 so long windows keep their precision."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd] rotated by the tables of its T positions, cos/sin [T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+    """Causal attention of q [B, H, t, hd] over k, v [B, H, t, hd] (RoPE already applied). With
+    `cache` (decoding), the keys and values of earlier positions are read from cache["k"/"v"] and
+    these appended, so new position i attends to every cached position and to new positions <= i."""
+    past = 0
+    if cache is not None:
+        if "k" in cache:
+            past = cache["k"].shape[2]
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    t = q.shape[2]
+    if t == 1:  # one new position sees every cached one
+        return F.scaled_dot_product_attention(q, k, v)
+    # (is_causal aligns the mask top-left when t < keys, so build it: query i sees keys <= past + i)
+    mask = torch.arange(past + t, device=q.device)[None, :] <= torch.arange(past, past + t, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _check_top_k(top_k) -> int:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmst_bench.arch import IGNORE_INDEX
-from hmst_bench.modeling import SoftmaxLM
+from hmst_bench.modeling import SoftmaxLM, apply_rope, causal_attention, rope_tables
 from hmst_bench_hmst.moe import MoE, RouterStats
 
 
@@ -41,20 +41,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
         return (h * self.weight.float()).to(x.dtype)
-
-
-def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd], cos/sin [T, hd] (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
 
 
 class Attention(nn.Module):
@@ -71,20 +57,7 @@ class Attention(nn.Module):
         values are read from it and this call's appended."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
-        if cache is not None:
-            if "k" in cache:
-                past = cache["k"].shape[2]
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif t == 1:  # the one new position sees every cached one
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # new position past + i sees keys 0 .. past + i
-            mask = torch.arange(past + t, device=x.device)[None, :] <= torch.arange(past, past + t, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 

@@ -508,10 +508,3 @@ def benchmark(n: int = 1_000_000, dim: int = 64, queries: int = 200, k: int = 5,
         peak_rss_during_build_mib=round(after["VmHWM"], 1), sweep=swept,
         ground_truth_data_mib=round(data.nbytes / 2**20, 1),
     )
-
-
-if __name__ == "__main__":  # python -m hmst_bench_hmst.semantic [n] [dim]
-    import sys
-
-    args = [int(a) for a in sys.argv[1:3]]
-    print(json.dumps(benchmark(*args, sweep=(64, 128, 256, 512))))

@@ -22,7 +22,7 @@ the C . h contraction (an einsum that runs as bmm). It does not see the elementw
 model adds that through `extra_flops`, computed by `extra_flops_of` (see its docstring for the
 exact list of ops covered).
 
-`python -m hmst_bench_hmst.ssm` prints one JSON object: parallel vs sequential scan timing.
+`benchmark_scan` times parallel against sequential scan; `benchmarks/hmst.py` reports it.
 Measured on 2 shared CPU threads at L=1024, N=16 (the reference loop is vectorised over the
 B*d*N lanes of each contiguous time slice): 1.8x at B=2, d=64 and 0.5-0.8x at B=4, d=128, so
 on CPU the parallel scan only wins where per-step Python overhead dominates (8x at B=1, d=16);
@@ -287,12 +287,3 @@ def benchmark_scan(batch: int = 2, length: int = 1024, d_model: int = 64, d_stat
         "backward": backward, "threads": torch.get_num_threads(),
         "parallel_s": par, "sequential_s": seq, "speedup": seq / par,
     }
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import json
-    import sys
-
-    rows = [benchmark_scan(b, 1024, d, 16, backward=bw) for (b, d) in [(2, 64), (4, 128)] for bw in (False, True)]
-    json.dump({"benchmark": "hmst_ssm_scan", "rows": rows}, sys.stdout, indent=1)
-    print()

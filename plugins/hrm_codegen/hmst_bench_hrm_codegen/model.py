@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmst_bench.arch import IGNORE_INDEX
-from hmst_bench.modeling import SoftmaxLM
+from hmst_bench.modeling import SoftmaxLM, apply_rope, causal_attention, rope_tables
 
 
 def trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
@@ -62,20 +62,6 @@ def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.log(s) - torch.log(s.sum(dim=dim, keepdim=True))
 
 
-def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd]; rotate-half convention (as Llama and the reference)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
 class Linear(nn.Module):
     """Bias-free linear layer, truncated LeCun-normal init (std 1/sqrt(fan_in))."""
 
@@ -99,20 +85,7 @@ class Attention(nn.Module):
         values of this call's earlier positions are read from it, and the new ones appended."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
-        if cache is not None:
-            if "k" in cache:
-                past = cache["k"].shape[2]
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif t == 1:  # one new position sees every cached one
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # new position i sees keys up to past + i
-            mask = torch.arange(past + t, device=x.device)[None, :] <= torch.arange(past, past + t, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
