@@ -115,6 +115,9 @@ class ArchSpec:
                   `hmst_bench.train.TrainContext` giving the shared budget meter, optimiser,
                   checkpointing, logging and data, and is responsible for calling them
     stages        names of the stages the runner understands (e.g. ("1", "2")); `--stage` picks one
+    stage_config  optional stage_config(stage) -> {field: value}: config changes a later stage
+                  makes when it starts from the earlier one (HMST's stage 2 turns its memory
+                  on); applied before `--set`, so the user's values win
     """
 
     name: str
@@ -124,6 +127,7 @@ class ArchSpec:
     build: Callable[[Any, Any], Any]
     stage_runner: Optional[Callable[[Any], None]] = None
     stages: Sequence[str] = ()
+    stage_config: Optional[Callable[[str], Mapping[str, Any]]] = None
     distribution: str = field(default="", compare=False)  # filled in by the registry
 
     def __post_init__(self) -> None:

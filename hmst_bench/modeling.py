@@ -4,13 +4,14 @@
   drawing from `sampling_probs` (the filtered distribution itself, for tests and tools);
 - `decode_loop`: the one generation loop every architecture shares (stop sequences, finished
   rows, max_new_tokens), driven by a per-architecture `step` function that may keep a KV cache;
-- `rope_tables` / `apply_rope` / `causal_attention`: rotary position tables, their rotate-half
+- `RMSNorm`, `rope_tables` / `apply_rope` / `causal_attention`: root-mean-square norm, rotary position tables, their rotate-half
   application, and causal scaled-dot-product attention that can append to and read from a
   per-layer KV cache (one new token, a block of them, or a whole prompt), shared by the plugins
   that write their own transformer blocks;
 - `SoftmaxLM`: a base class for models with a full-vocabulary logits head; a subclass writes
   `logits(input_ids, keep=None)` and gets `loss`, `score`, `token_logprobs`, `next_token_logprobs`
-  and an O(n^2) cache-free `generate`; it overrides `decode_step` to add a KV cache.
+  and an O(n^2) cache-free `generate`; it overrides `decode_step` to add a KV cache. Queries are
+  cut to the window, or to `max_context_len` for a model that reads further through a memory.
 
 Architectures whose head is not a softmax (a hierarchical softmax, say) implement the four
 methods themselves and still reuse `decode_loop`.
@@ -28,6 +29,20 @@ from hmst_bench.arch import IGNORE_INDEX
 
 # step(new_tokens [B, n], state) -> (next-token log-probs [B, V], new state); state None at first
 DecodeStep = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+class RMSNorm(torch.nn.Module):
+    """Root-mean-square layer norm with a learned scale, computed in float32."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.float()).to(x.dtype)
 
 
 def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +217,12 @@ class SoftmaxLM(torch.nn.Module):
 
     max_seq_len: int
 
+    @property
+    def context_len(self) -> int:
+        """The most tokens one query may hold: the attention window, unless the model reads
+        further through a memory and sets `max_context_len` (HMST with its memory on)."""
+        return int(getattr(self, "max_context_len", None) or self.max_seq_len)
+
     def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids, keep=None)")
 
@@ -218,9 +239,9 @@ class SoftmaxLM(torch.nn.Module):
         return loss, {}
 
     def _check_window(self, input_ids: torch.Tensor) -> None:
-        if input_ids.shape[1] > self.max_seq_len:
+        if input_ids.shape[1] > self.context_len:
             raise ValueError(
-                f"{input_ids.shape[1]} tokens exceed the model's window of {self.max_seq_len}; "
+                f"{input_ids.shape[1]} tokens exceed the model's context of {self.context_len}; "
                 f"score longer text in windows (loglikelihood_rolling does)"
             )
 
@@ -250,7 +271,7 @@ class SoftmaxLM(torch.nn.Module):
         distribution is the one after its first lengths[b] tokens (an evaluator's batch of
         contexts of different lengths: one pass, the head run only where needed)."""
         if lengths is None:
-            window = input_ids[:, -self.max_seq_len :]
+            window = input_ids[:, -self.context_len :]
             last = window.shape[1] - 1
             return torch.log_softmax(self._logits_at(window, slice(last, last + 1))[:, -1].float(), dim=-1)
         self._check_window(input_ids)

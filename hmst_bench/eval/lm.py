@@ -7,6 +7,8 @@ stop-sequence handling are lm-eval's own (`TemplateLM` and `lm_eval.models.utils
 dense baseline scores exactly as lm-eval's `HFLM` scores its `RUN/hf` copy. The model is only
 reached through the architecture contract (`hmst_bench.arch.LanguageModel`):
 
+- context: the last `max_length` tokens (the model's window), or, for a model that reads
+  further through a memory and says so with `max_context_len` (HMST), the last that many;
 - loglikelihood: requests are deduplicated; a one-token continuation is read off
   `next_token_logprobs` of its context, so all the choices that share a context (A/B/C/D in
   MMLU) cost one row together, and contexts are batched (right-padded, when the model takes
@@ -84,6 +86,10 @@ class HmstBenchLM(TemplateLM):
         self.batch_size = _batch_size(batch_size)
         window = int(self.model.max_seq_len)
         self.max_length = min(int(max_length), window) if max_length else window
+        # a model with a memory (HMST) reads further back than its window: it gets the whole
+        # context up to its `max_context_len`; every other model gets the last window
+        reach = int(getattr(self.model, "max_context_len", None) or window)
+        self.max_context = self.max_length if reach <= window else (min(int(max_length), reach) if max_length else reach)
         self.max_gen_toks = int(max_gen_toks)
         self.progress = progress  # False: no tqdm bars (our CLI shows its own status)
         self._score = getattr(self.model, "score", None)
@@ -125,9 +131,9 @@ class HmstBenchLM(TemplateLM):
         # whole sequence is cut to the window from the left, the final token is never input
         jobs: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
         for i, (_, context, continuation) in enumerate(requests):
-            if not continuation or len(continuation) > self.max_length:
-                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored in a {self.max_length}-token window")
-            whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
+            if not continuation or len(continuation) > self.max_context:
+                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored in a {self.max_context}-token window")
+            whole = (list(context) + list(continuation))[-(self.max_context + 1) :]
             key = (tuple(whole[:-1]), tuple(whole[-len(continuation) :]))
             jobs.setdefault(key, []).append(i)
 
@@ -247,8 +253,8 @@ class HmstBenchLM(TemplateLM):
         """How many prompt tokens to keep (from the right): HFLM's `max_length - max_gen_toks`.
         Where HFLM refuses (`max_gen_toks` fills the window), keep the last half window of
         prompt and generate on past the window, which every model's `generate` does exactly."""
-        room = self.max_length - max_gen_toks
-        return room if room > 0 else self.max_length // 2
+        room = self.max_context - max_gen_toks
+        return room if room > 0 else self.max_context // 2
 
     def _stop_when(self, until: list[str]):
         """A `generate` stop callable: fires (keeping every token) once the decoded new text

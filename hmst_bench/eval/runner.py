@@ -158,7 +158,7 @@ def evaluate(
                                 _version(run.spec.distribution) if run.spec.distribution else None)).encode())
     cache = run_dir / EVAL_DIR / CACHE_DIR / (
         f"lm-{fingerprint['model_sha256'][:16]}-{code_hash.hexdigest()[:8]}-{lm.device.type}"
-        f"-w{lm.max_length}-g{lm.max_gen_toks}")
+        f"-w{lm.max_length}{'' if lm.max_context == lm.max_length else f'-c{lm.max_context}'}-g{lm.max_gen_toks}")
     seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4
     manager = task_manager(suites)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # our table reports; lm-eval's INFO is noise here
@@ -215,6 +215,8 @@ def evaluate(
                 "seeds": dict(zip(("random", "numpy", "torch", "fewshot"), seeds)),
                 "batch_size": lm.batch_size,
                 "device": str(lm.device),
+                "window": lm.max_length,  # the model's attention window
+                "context": lm.max_context,  # tokens of context it reads (more than the window through a memory)
                 "requests": {"total": requests, "computed": sum(computed.values()),
                              "from_cache": max(requests - sum(computed.values()), 0)},
                 "seconds": round(time.time() - started, 2),

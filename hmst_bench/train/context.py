@@ -117,6 +117,7 @@ class TrainContext:
     eval_every: int = 0  # 0: chosen by plan()
     log_every: int = 10
     val_tokens: int = 32768
+    row_tokens: Optional[int] = None  # tokens per training row when a stage's data is not seq_len long
     on_checkpoint: Callable[["TrainContext"], None] = lambda ctx: None
     on_progress: Callable[["TrainContext"], None] = lambda ctx: None
     # state
@@ -137,7 +138,7 @@ class TrainContext:
     @property
     def tokens_per_step(self) -> int:
         r = self.recipe
-        return r.batch_size * r.seq_len * r.grad_accum * self.accelerator.num_processes
+        return r.batch_size * (self.row_tokens or r.seq_len) * r.grad_accum * self.accelerator.num_processes
 
     def batches(self, step: int) -> list[dict]:
         r = self.recipe

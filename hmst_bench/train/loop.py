@@ -127,7 +127,8 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
 
     try:
         if previous is not None or init is not None:  # start from the earlier stage's (RUN's) config, plus --set
-            config = _replace(config_from_dict(spec.config_cls, (previous or init)["config"]), **settings.overrides)
+            changes = dict(spec.stage_config(choices["stage"]) or {}) if previous is not None and spec.stage_config else {}
+            config = _replace(config_from_dict(spec.config_cls, (previous or init)["config"]), **{**changes, **settings.overrides})
         elif recorded is not None and not settings.overrides and settings.size is None:
             config = config_from_dict(spec.config_cls, recorded["config"])
         else:
@@ -218,7 +219,7 @@ def _previous_stage(out: Path, settings: TrainSettings, registry) -> dict:
 
 STAGE_FIELDS = ("stage", "budget", "budget_kind", "budget_flops", "budget_tokens", "achieved_flops", "tokens", "steps",
                 "flops_per_step", "flops_per_token", "planned_steps", "wall_seconds", "final_train_loss", "val_loss",
-                "val_bpb", "config_hash", "corpus_spec", "status")
+                "val_bpb", "config_hash", "corpus_spec", "stage_data", "status")
 
 
 def _replace(config, **changes):
@@ -469,6 +470,8 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
             # once per run, after the first step (a resumed model has its artifacts back by then)
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 info["flop_shares"] = {k: round(float(v), 6) for k, v in model.flop_shares(ctx.batches(0)[0]).items()}
+        if ctx.data is not data and callable(getattr(ctx.data, "describe", None)):
+            info["stage_data"] = ctx.data.describe()  # a stage runner trains on its own data
         info.update({
             "status": status, "achieved_flops": meter.flops, "tokens": meter.tokens, "steps": meter.steps,
             "flops_per_step": fps, "flops_per_token": (meter.flops / meter.tokens) if meter.tokens else ((fps / tps) if fps else None),

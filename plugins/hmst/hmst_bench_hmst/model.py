@@ -1,4 +1,5 @@
-"""HMST's base language model: a causal MoE transformer (stage 1 of HMST).
+"""HMST's language model: a causal MoE transformer (stage 1) with, once stage 2 turns
+`config.memory` on, an episodic and a semantic memory of the text beyond its window (`memory.py`).
 
 Pre-norm blocks: RMSNorm -> bias-free multi-head attention with RoPE (causal
 `scaled_dot_product_attention`) -> residual; RMSNorm -> MoE feed-forward (`moe.MoE`; every
@@ -14,7 +15,13 @@ far. RoPE tables cover exactly the window; once the sequence outgrows the window
 shift, so every further step re-encodes the last `max_seq_len` tokens (exact, O(window^2) per
 token, as dense-llama does). No position beyond the window is ever indexed.
 
-The episodic (SSM) and semantic memories of HMST are not part of this model yet (see README).
+With memory (`config.memory`), a text longer than the window is read in window-sized segments
+aligned from its first token: attention sees the current segment, the memory reader (after block
+`memory_layer`) what earlier segments wrote (see `memory.py`). `logits`, `loss`, `score` and
+decoding all follow that one reading, up to `max_context_len` = memory_max_segments windows
+(longer queries keep their last max_context_len tokens). Decoding stays exact and cached: the KV
+cache covers the current segment, and when a segment fills, its hidden states are written to the
+memory and the cache starts afresh. Without memory the model is the plain MoE LM above.
 """
 
 from __future__ import annotations
@@ -27,20 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmst_bench.arch import IGNORE_INDEX
-from hmst_bench.modeling import SoftmaxLM, apply_rope, causal_attention, rope_tables
+from hmst_bench.modeling import RMSNorm, SoftmaxLM, apply_rope, causal_attention, rope_tables
+from hmst_bench_hmst.memory import DocMemory, MemoryModules, memory_extra_flops
 from hmst_bench_hmst.moe import MoE, RouterStats
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
-        return (h * self.weight.float()).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -110,13 +106,17 @@ class HMSTModel(SoftmaxLM):
         cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.memory = MemoryModules(config) if config.memory else None
+        self.max_context_len = config.max_seq_len * config.memory_max_segments if config.memory else None
 
     # ------------------------------------------------------------------ one forward pass
 
     def forward_all(self, input_ids: torch.Tensor, keep: Optional[slice] = None, start: int = 0,
-                    caches: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+                    caches: Optional[list] = None, mem: Optional[DocMemory] = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
         """(final hidden states [B, T, d], logits [B, T or len(keep), V], routing stats per MoE
-        layer) from one pass over input_ids, which sit at positions start .. start + T - 1."""
+        layer) from one pass over input_ids, which sit at positions start .. start + T - 1 of
+        the window; `mem`: the memory of earlier segments, read after block memory_layer."""
         t = input_ids.shape[1]
         if start + t > self.max_seq_len:
             raise ValueError(f"positions up to {start + t} exceed the model's window of {self.max_seq_len}")
@@ -127,8 +127,25 @@ class HMSTModel(SoftmaxLM):
             h, s = layer(h, cos, sin, None if caches is None else caches[i])
             if s is not None:
                 stats.append(s)
+            if mem is not None and i == self.config.memory_layer and not mem.empty:
+                h = h + self.memory.reader(h, mem)
         h = self.norm(h)
         return h, self.project(h if keep is None else h[:, keep]), stats
+
+    def segments(self, input_ids: torch.Tensor, keep: Optional[slice] = None):
+        """Read a text of any length (up to max_context_len) with memory: yields (start, hidden
+        states, logits at the kept positions of the segment, routing stats) per window-sized
+        segment; each finished segment is written to the memory before the next is read."""
+        w, total = self.max_seq_len, input_ids.shape[1]
+        lo, hi = (0, total) if keep is None else keep.indices(total)[:2]
+        mem = self.memory.new_memory(input_ids.shape[0])
+        for a in range(0, total, w):
+            seg = input_ids[:, a : a + w]
+            local = slice(min(max(lo - a, 0), seg.shape[1]), min(max(hi - a, 0), seg.shape[1]))
+            h, logits, stats = self.forward_all(seg, local, 0, None, mem)
+            yield a, h, logits, stats
+            if a + w < total:
+                mem.write(h)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
@@ -138,13 +155,27 @@ class HMSTModel(SoftmaxLM):
         return self.forward_all(input_ids, keep=slice(0, 0))[0]
 
     def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
+        if self.memory is not None and input_ids.shape[1] > self.max_seq_len:
+            return torch.cat([logits for _, _, logits, _ in self.segments(input_ids, keep)], dim=1)
         return self.forward_all(input_ids, keep)[1]
 
     # ------------------------------------------------------------------ training
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
-        _, logits, stats = self.forward_all(batch["input_ids"])
-        lm = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        """Next-token loss plus the routers' aux losses; a batch longer than the window (stage
+        2's documents) is read in segments with memory, its loss the mean over all its tokens."""
+        ids, labels = batch["input_ids"], batch["labels"]
+        if self.memory is not None and ids.shape[1] > self.max_seq_len:
+            nats, stats = 0.0, []
+            for a, _, logits, st in self.segments(ids):
+                target = labels[:, a : a + logits.shape[1]]
+                nats = nats + F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+                stats += st
+            lm = nats / (labels != IGNORE_INDEX).sum().clamp_min(1)
+        else:
+            _, logits, stats = self.forward_all(ids)
+            lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         aux = {"lm_loss": lm.detach()}
         total = lm
         if stats:
@@ -156,6 +187,13 @@ class HMSTModel(SoftmaxLM):
             aux.update({f"load_e{i}": f for i, f in enumerate(load)})
         return total, aux
 
+    def extra_flops(self, batch) -> int:
+        """A training step's FLOPs the counter cannot see: the memory's (see memory.py)."""
+        if self.memory is None:
+            return 0
+        b, t = batch["input_ids"].shape
+        return memory_extra_flops(self.config, b, t, backward=True)
+
     def num_active_params(self) -> int:
         """Parameters one token uses: everything except the (n_experts - top_k) experts of each
         MoE layer it is not routed to (a tied head is counted once)."""
@@ -166,8 +204,11 @@ class HMSTModel(SoftmaxLM):
     # ------------------------------------------------------------------ decoding
 
     def decode_step(self, new_tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, dict]:
-        """Exact KV-cached step; past the window, re-encode the last max_seq_len tokens."""
+        """Exact KV-cached step; past the window (past max_context_len with memory), re-encode
+        the last max_seq_len (max_context_len) tokens."""
         seq = new_tokens if state is None else torch.cat([state["seq"], new_tokens], dim=1)
+        if self.memory is not None:
+            return self._memory_step(seq, new_tokens, state)
         if seq.shape[1] > self.max_seq_len:
             return self.next_token_logprobs(seq), {"seq": seq, "caches": None}
         if state is None:
@@ -177,3 +218,31 @@ class HMSTModel(SoftmaxLM):
         last = tokens.shape[1] - 1
         logits = self.forward_all(tokens, slice(last, last + 1), start, caches)[1]
         return torch.log_softmax(logits[:, -1].float(), dim=-1), {"seq": seq, "caches": caches}
+
+    def _memory_step(self, seq: torch.Tensor, new_tokens: torch.Tensor, state: Optional[dict]) -> tuple[torch.Tensor, dict]:
+        """Decoding with memory: the current segment's KV cache; a full segment is written to
+        the memory (from the hidden states kept for it) before the next token starts a new one."""
+        if seq.shape[1] > self.context_len:
+            return self.next_token_logprobs(seq), {"seq": seq, "recompute": True}
+        if state is None:
+            state = {"mem": self.memory.new_memory(seq.shape[0]), "caches": [{} for _ in self.layers],
+                     "hidden": [], "segment_start": 0}
+            tokens = seq
+        else:
+            state = dict(state)
+            tokens = new_tokens
+        w = self.max_seq_len
+        pos = seq.shape[1] - tokens.shape[1]
+        logits = None
+        while tokens.shape[1]:
+            if pos - state["segment_start"] == w:
+                state["mem"].write(torch.cat(state["hidden"], dim=1))
+                state.update(caches=[{} for _ in self.layers], hidden=[], segment_start=pos)
+            take = min(tokens.shape[1], w - (pos - state["segment_start"]))
+            h, logits, _ = self.forward_all(tokens[:, :take], slice(take - 1, take), pos - state["segment_start"],
+                                            state["caches"], state["mem"])
+            state["hidden"].append(h)
+            pos += take
+            tokens = tokens[:, take:]
+        state["seq"] = seq
+        return torch.log_softmax(logits[:, -1].float(), dim=-1), state

@@ -1,6 +1,10 @@
-"""Entry point of the hmst distribution: the `hmst` architecture's config, size presets and
-ArchSpec. So far only stage 1 exists: the MoE base language model (`model.HMSTModel`), trained by
-the shared loop. Stage 2 (the episodic SSM and semantic memories) comes with a later issue.
+"""Entry point of the hmst distribution: the `hmst` architecture's config, size presets, stages
+and ArchSpec.
+
+Stage 1 trains the MoE base language model (`model.HMSTModel`, memory off) with the shared loop.
+Stage 2 (`--stage 2 --out R`, continuing stage 1 in R) turns the memory on (`stage_config`) and
+trains it on documents longer than the window (`stage2.py`). The meta-controller and critic are
+not built yet.
 
 Imports neither torch nor faiss, so loading it costs nothing at CLI start-up."""
 
@@ -33,10 +37,22 @@ class HMSTConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     init_std: float = 0.02
+    # memory (memory.py): off in stage 1, where the model is the plain MoE LM; stage 2 turns it on
+    memory: bool = False
+    memory_state: int = 16  # episodic SSM state size per channel
+    memory_chunk: int = 16  # tokens summarised by one episodic entry (divides max_seq_len)
+    episodic_slots: int = 16  # entries in the episodic buffer; older ones are consolidated
+    consolidate_fraction: float = 0.5  # of the entries leaving the buffer, the most read go to the semantic store
+    semantic_top_k: int = 8  # semantic entries each token retrieves
+    memory_max_segments: int = 64  # longest text read with memory, in windows (max_context_len)
+    memory_segments: int = 4  # stage 2: training documents of this many windows
+    recall_fraction: float = 0.5  # stage 2: share of synthetic recall documents (the rest stdlib-code files)
     # derived, never set by hand
     head_dim: int = field(init=False)
     expert_d_ff: int = field(init=False)
     n_moe_layers: int = field(init=False)
+    memory_dim: int = field(init=False)  # entries, queries and the semantic store: d_model / 2
+    memory_layer: int = field(init=False)  # the memory is read after this block: n_layers // 2
 
     def __post_init__(self) -> None:
         require_positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_experts", "top_k",
@@ -55,7 +71,22 @@ class HMSTConfig:
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
+        require_positive(self, "memory_state", "memory_chunk", "episodic_slots", "semantic_top_k",
+                         "memory_max_segments", "memory_segments")
+        for name in ("consolidate_fraction", "recall_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+        if not isinstance(self.memory, bool):
+            raise ConfigError(f"memory must be true or false, got {self.memory!r}")
+        if self.memory and self.max_seq_len % self.memory_chunk:
+            raise ConfigError(f"memory_chunk ({self.memory_chunk}) must divide the window ({self.max_seq_len}); "
+                              f"set memory_chunk to a divisor of --seq-len")
+        if self.memory_segments < 2:
+            raise ConfigError(f"memory_segments ({self.memory_segments}) must be at least 2: stage 2 documents are longer than the window")
         self.head_dim = self.d_model // self.n_heads
+        self.memory_dim = max(1, self.d_model // 2)
+        self.memory_layer = min(self.n_layers - 1, self.n_layers // 2)
         m = self.ffn_multiple_of
         self.expert_d_ff = m * -(-(8 * self.d_model // 3) // m)
         self.n_moe_layers = self.n_layers // self.moe_every
@@ -76,13 +107,30 @@ def build(config: HMSTConfig, tokenizer):
     return HMSTModel(config, tokenizer)
 
 
+def run_stage(ctx) -> None:
+    """Stage 1: the shared loop on the run's corpus. Stage 2: the memory on long documents."""
+    from hmst_bench.train.loop import shared_loop
+
+    if ctx.stage == "2":
+        from hmst_bench_hmst.stage2 import run
+
+        return run(ctx)
+    return shared_loop(ctx)
+
+
+def stage_config(stage: str) -> dict:
+    return {"memory": True} if stage == "2" else {}
+
+
 HMST = ArchSpec(
     name="hmst",
-    description="HMST base LM: causal MoE transformer (top-k SwiGLU experts); stage 1 only, memory stages to come",
+    description="HMST: causal MoE transformer (stage 1) with episodic SSM and semantic FAISS memory (stage 2)",
     config_cls=HMSTConfig,
     sizes=SIZES,
     build=build,
-    stages=("1",),
+    stage_runner=run_stage,
+    stages=("1", "2"),
+    stage_config=stage_config,
 )
 
 
