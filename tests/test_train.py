@@ -446,6 +446,34 @@ def test_validation_loss_and_bits_per_byte_by_hand(fresh_registry, tmp_path):
     assert np.all(targets != tok.pad_token_id)
 
 
+def test_validation_loss_is_total_nats_over_total_tokens(tmp_path):
+    """run.json's val_loss is the summed nats of every validation target over their count: 11
+    windows in batches of 8 leave a short last batch, so a mean of batch means would differ."""
+    import torch
+
+    from hmst_bench.data.corpora import load_corpus
+    from hmst_bench.data.tokens import encode_corpus
+    from hmst_bench.train.loop import TrainSettings, train
+    from hmst_bench.train.rundir import load_run
+
+    out = tmp_path / "R"
+    info = train(TrainSettings(arch="dense-llama", size="micro", budget="1024tok", out=out, val_tokens=11 * 128))
+    run = load_run(out)
+    data = encode_corpus(load_corpus(info["corpus_spec"]), run.tokenizer)
+    batches = list(data.val_batches(128, 8, 11 * 128))
+    assert [len(b["input_ids"]) for b in batches] == [8, 3]
+    nats, count, means = 0.0, 0, []
+    with torch.no_grad():
+        for b in batches:
+            lp = run.model.token_logprobs(b["input_ids"], b["labels"]).double()
+            mask = b["labels"] != -100
+            nats -= float(lp[mask].sum())
+            count += int(mask.sum())
+            means.append(-float(lp[mask].mean()))
+    assert info["val_loss"] == pytest.approx(nats / count, rel=1e-6)
+    assert abs(sum(means) / len(means) - nats / count) > 1e-6 * nats / count
+
+
 def test_data_parallel_on_two_processes_matches_one(micro_run, tmp_path):
     """torchrun with 2 CPU ranks: FLOPs and tokens count both ranks, and 2 ranks x batch 4 train on
     the same global batches as 1 process x batch 8, so the losses agree to float precision."""
@@ -461,6 +489,8 @@ def test_data_parallel_on_two_processes_matches_one(micro_run, tmp_path):
     assert info["flops_per_step"] == pytest.approx(single["flops_per_step"], rel=1e-9)  # 2 x (batch 4) = batch 8
     assert info["tokens"] == info["steps"] * 2 * 4 * 128 and info["steps"] == single["steps"]
     assert info["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=1e-3)
+    # validation is split over the ranks and the totals summed: the same figure as one process
+    assert info["val_loss"] == pytest.approx(single["val_loss"], rel=1e-3)
 
 
 def _build_counting(config, tokenizer):

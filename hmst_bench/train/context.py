@@ -288,21 +288,28 @@ class TrainContext:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Mean validation loss (nats/token) and bits per byte of the validation text."""
+        """Validation loss (nats/token) and bits per byte of the validation text: total nats over
+        total target tokens (bytes), never a mean of batch means. With several ranks each scores
+        every world_size-th batch and the three totals are summed over the ranks."""
         model = self.model
         was_training = model.training
         model.eval()
-        nats, count, nbytes = 0.0, 0, 0
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        totals = torch.zeros(3, dtype=torch.float64)  # nats, target tokens, target bytes
         lengths = torch.as_tensor(self.byte_lengths)
         with self.accelerator.autocast():
-            for b in self.data.val_batches(self.recipe.seq_len, self.recipe.batch_size, self.val_tokens):
+            batches = self.data.val_batches(self.recipe.seq_len, self.recipe.batch_size, self.val_tokens)
+            for i, b in enumerate(batches):
+                if i % world != rank:
+                    continue
                 ids, labels = b["input_ids"].to(self.accelerator.device), b["labels"]
                 mask = labels != IGNORE_INDEX
-                lp = model.token_logprobs(ids, labels.to(ids.device)).float().cpu()
-                nats -= float(lp[mask].sum())
-                count += int(mask.sum())
-                nbytes += int(lengths[labels[mask]].sum())
+                lp = model.token_logprobs(ids, labels.to(ids.device)).double().cpu()
+                totals += torch.stack([-lp[mask].sum(), mask.sum().double(), lengths[labels[mask]].sum().double()])
+        if world > 1:
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
         model.train(was_training)
+        nats, count, nbytes = totals.tolist()
         self.last_val = {"val_loss": nats / max(1, count), "val_bpb": nats / math.log(2) / max(1, nbytes)}
         self.log(kind="val", **self.last_val)
         return self.last_val
