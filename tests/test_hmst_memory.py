@@ -249,3 +249,23 @@ def test_store_sizes_by_hand():
     assert M.store_sizes(6, W, c) == [0, 2, 4, 6, 8]
     c2 = build(episodic_slots=6, consolidate_fraction=1.0).config
     assert M.store_sizes(4, W, c2) == [0, 2, 6]
+
+
+def test_the_model_returns_its_documented_outputs_with_and_without_memory():
+    """forward_all -> (hidden [B, T, d], logits [B, T, V], one RouterStats per MoE layer), and
+    loss -> (scalar, aux with the same keys) whether a text is read in one window or in segments."""
+    model = build()
+    ids = rand_ids(2, W, seed=7)
+    h, logits, stats = model.forward_all(ids)
+    assert h.shape == (2, W, 32) and logits.shape == (2, W, V) and len(stats) == model.config.n_moe_layers
+    assert all(s.balance_loss.dim() == 0 and s.z_loss.dim() == 0 and s.load.shape == (4,) for s in stats)
+    expected = {"lm_loss", "balance_loss", "z_loss", "expert_load_max", *(f"load_e{i}" for i in range(4))}
+    short = model.loss({"input_ids": ids, "labels": ids})
+    long_ids = rand_ids(2, 3 * W, seed=8)
+    long = model.loss({"input_ids": long_ids, "labels": long_ids})
+    for loss, aux in (short, long):
+        assert loss.dim() == 0 and set(aux) == expected
+    with torch.no_grad():  # the long loss is the mean over every token of every segment
+        lp = torch.log_softmax(model.logits(long_ids).float(), dim=-1)
+        nll = -lp.gather(-1, long_ids[:, :, None]).sum()  # labels = ids here: each position scores its own token
+    assert float(long[1]["lm_loss"]) == pytest.approx(float(nll) / long_ids.numel(), rel=1e-5)
