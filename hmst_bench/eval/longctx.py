@@ -7,7 +7,7 @@ lm-eval builds the tasks, and the tasks' `custom_dataset` (`lm_eval_dataset`) re
 prompt is measured with that tokenizer and filled to `target_tokens(length, window, answer)`:
 N x window minus the answer's tokens, so that at 1x prompt and answer fill exactly the window
 the lm-eval adapter keeps (`hmst_bench.eval.lm`: the last `window + 1` tokens of prompt and
-answer, the final one never input). A needle (the queried pair, or the pass key) sits at a
+answer, the final one never input; a memory model such as HMST gets the whole prompt). A needle (the queried pair, or the pass key) sits at a
 seeded uniform depth, so at 1x it is always visible, at 4x about a quarter of the time and at
 16x about one time in sixteen; each document records whether it lies in the last window.
 
