@@ -172,11 +172,15 @@ def test_refuses_an_earlier_stage_on_a_folder_at_stage_2(staged, bench_home):
     assert _snapshot(staged.a) == before
 
 
-def test_refuses_an_unknown_stage_naming_the_stages(bench_home, tmp_path):
+def test_refuses_an_unknown_stage_naming_the_stages(staged, bench_home, tmp_path):
     out = tmp_path / "new"
     line = _refused(bench_home, *STAGE1, "--stage", "3", "--out", str(out))
     assert "hmst has stages 1, 2" in line and "--stage 3 is not one of them" in line
     assert not out.exists()
+    before = _snapshot(staged.a)  # the same on a folder that holds a run
+    line = _refused(bench_home, "--stage", "3", "--out", str(staged.a), "--budget", S2_BUDGET)
+    assert "hmst has stages 1, 2" in line and "--stage 3 is not one of them" in line
+    assert _snapshot(staged.a) == before
 
 
 def test_refuses_stage2_without_memory_and_leaves_stage1_as_it_was(staged, bench_home, tmp_path):

@@ -207,6 +207,8 @@ def _previous_stage(out: Path, settings: TrainSettings, registry) -> dict:
     if spec.name != prior["arch"]:
         raise TrainError(f"{out} holds a {prior['arch']} run; a later stage must use the same --arch")
     stages = list(spec.stages)
+    if stages and settings.stage not in stages:
+        raise TrainError(f"{spec.name} has stages {', '.join(stages)}; --stage {settings.stage} is not one of them")
     if settings.stage not in stages or prior.get("stage") not in stages:
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if stages.index(settings.stage) <= stages.index(prior["stage"]):

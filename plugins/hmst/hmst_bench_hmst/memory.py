@@ -39,7 +39,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hmst_bench.modeling import RMSNorm
