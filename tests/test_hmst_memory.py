@@ -7,6 +7,7 @@ checked fields."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,3 +270,95 @@ def test_the_model_returns_its_documented_outputs_with_and_without_memory():
         lp = torch.log_softmax(model.logits(long_ids).float(), dim=-1)
         nll = -lp.gather(-1, long_ids[:, :, None]).sum()  # labels = ids here: each position scores its own token
     assert float(long[1]["lm_loss"]) == pytest.approx(float(nll) / long_ids.numel(), rel=1e-5)
+
+
+# ============================================================================== the long-term store
+
+
+def _fill_longterm(model, steps=2, seed=9):
+    """Train-mode reads of long documents, handed to the long-term store as stage 2 does."""
+    model.train()
+    for step in range(steps):
+        ids = rand_ids(2, 4 * W, seed=seed + step)
+        model.loss({"input_ids": ids, "labels": ids})
+        pending, _ = model.take_pending()
+        ids_, vecs, usage = (np.concatenate(p, axis=0) for p in zip(*pending))
+        model.longterm.add_step(step, 2, ids_, vecs, usage)
+    return model.eval()
+
+
+def test_longterm_store_ids_metadata_and_capacity():
+    model = build()
+    lt = model.longterm
+    assert lt is not None and lt.store.dim == model.config.memory_dim and build(longterm_capacity=0).longterm is None
+    entries = np.array([[1, 4], [0, 2]])
+    vecs = np.random.default_rng(0).standard_normal((2, 2, model.config.memory_dim)).astype(np.float32)
+    assert lt.add_step(3, 2, entries, vecs, np.ones((2, 2))) == 4
+    per_doc = lt.per_document  # 4 segments x 16 tokens / chunk 4
+    assert per_doc == 16
+    expected = sorted([(3 * 2 + 0) * 16 + 1, (3 * 2 + 0) * 16 + 4, (3 * 2 + 1) * 16 + 0, (3 * 2 + 1) * 16 + 2])
+    assert sorted(lt.store._id_to_label) == expected
+    assert lt.store.get((3 * 2 + 1) * 16 + 2) == {"step": 3, "row": 1, "entry": 2, "usage": 1.0}
+    assert np.allclose(lt.store.vectors([(3 * 2 + 1) * 16 + 2]), vecs[1, 1])
+    small = build(longterm_capacity=5).longterm
+    small.add_step(0, 2, entries, vecs, np.ones((2, 2)))
+    small.add_step(1, 2, entries, vecs, np.ones((2, 2)))
+    # step 0 added ids 1, 4, 16, 18 and step 1 33, 36, 48, 50: the three oldest went first
+    assert sorted(small.store._id_to_label) == [18, 33, 36, 48, 50]
+
+
+def test_reads_of_the_longterm_store_are_exact_causal_and_reach_short_texts(monkeypatch):
+    model = _fill_longterm(build())
+    assert len(model.longterm) > 0
+    ids = rand_ids(2, 3 * W + 5, seed=11)
+    with torch.no_grad():
+        full = torch.log_softmax(model.logits(ids).float(), dim=-1)
+        short = model.logits(ids[:, :W])
+        saved, model.longterm = model.longterm, None
+        without = model.logits(ids[:, :W])
+        model.longterm = saved
+        assert not torch.allclose(short, without, atol=1e-4)  # a text within the window reads it too
+        changed = ids.clone()
+        changed[:, W + 3] = (changed[:, W + 3] + 1) % V
+        out = model.logits(changed)
+        base = model.logits(ids)
+        assert torch.allclose(out[:, : W + 3], base[:, : W + 3], atol=1e-6)
+        lp, state = model.decode_step(ids[:, :5], None)
+        steps = [lp]
+        for i in range(5, ids.shape[1]):
+            lp, state = model.decode_step(ids[:, i : i + 1], state)
+            steps.append(lp)
+    assert torch.allclose(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5)
+
+
+def test_the_longterm_store_is_saved_and_loaded_with_the_model(tmp_path):
+    model = _fill_longterm(build())
+    model.save_artifacts(tmp_path)
+    assert (tmp_path / "semantic" / "index.faiss").exists()
+    fresh = build()
+    assert len(fresh.longterm) == 0
+    fresh.load_state_dict(model.state_dict())
+    fresh.load_artifacts(tmp_path)
+    ids = rand_ids(1, 2 * W, seed=12)
+    with torch.no_grad():
+        assert torch.equal(fresh.logits(ids), model.logits(ids))
+    assert sorted(fresh.longterm.store._id_to_label) == sorted(model.longterm.store._id_to_label)
+    fresh_empty = build()
+    fresh_empty.load_artifacts(tmp_path / "nothing-here")  # a stage-1 run has no store: stays empty
+    assert len(fresh_empty.longterm) == 0
+    with pytest.raises(ValueError, match="dim"):
+        build(d_model=48, n_heads=4).load_artifacts(tmp_path)  # memory_dim 24, the store's 16
+
+
+def test_only_training_reads_are_handed_to_the_longterm_store():
+    model = build().train()
+    ids = rand_ids(2, 4 * W, seed=13)
+    model.loss({"input_ids": ids, "labels": ids})
+    pending, _ = model.take_pending()
+    assert len(pending) == 1 and pending[0][0].shape == (2, M.store_sizes(4, W, model.config)[-1])
+    assert model.take_pending() == ([], 0)
+    with torch.no_grad():
+        model.loss({"input_ids": ids, "labels": ids})
+    model.eval()
+    model.loss({"input_ids": ids, "labels": ids})
+    assert model.take_pending() == ([], 0)

@@ -83,8 +83,13 @@ def test_stage2_run_json(staged):
     # stage 2's own budget and accounting
     assert s2["budget"] == S2_BUDGET and s2["budget_flops"] == float(S2_BUDGET)
     assert s2["achieved_flops"] >= s2["budget_flops"]
-    assert s2["achieved_flops"] - s2["flops_per_step"] < s2["budget_flops"]  # stopped at the first step past it
-    assert s2["achieved_flops"] == s2["steps"] * s2["flops_per_step"]
+    rows = [json.loads(line) for line in (staged.a / "metrics.jsonl").read_text().splitlines()]
+    s2_train = [r for r in rows if r.get("stage") == "2" and r["kind"] == "train"]
+    # every step costs the first step's measured FLOPs plus its searches of the growing long-term store
+    last = s2_train[-1]
+    assert last["step"] == s2["steps"] and last["longterm_entries"] > 0 and last["longterm_flops_total"] > 0
+    assert s2["achieved_flops"] == s2["steps"] * s2["flops_per_step"] + last["longterm_flops_total"]
+    assert s2["achieved_flops"] - s2["flops_per_step"] - last["longterm_search_flops"] < s2["budget_flops"]  # stopped at the first step past it
     assert s2["steps"] >= 2 and s2["steps"] == s2["planned_steps"]
     cfg, tr = s2["config"], s2["training"]
     doc_tokens = cfg["memory_segments"] * tr["seq_len"]
@@ -96,8 +101,6 @@ def test_stage2_run_json(staged):
     assert s2["params_total"] > s1["params_total"]  # the memory's modules
     assert s2["config_hash"] != s1["config_hash"]
     assert math.isfinite(s2["val_loss"]) and math.isfinite(s2["final_train_loss"])
-    rows = [json.loads(line) for line in (staged.a / "metrics.jsonl").read_text().splitlines()]
-    s2_train = [r for r in rows if r.get("stage") == "2" and r["kind"] == "train"]
     assert s2_train and max(r["step"] for r in s2_train) == s2["steps"]
     assert [r["step"] for r in rows if r.get("stage") == "1" and r["kind"] == "train"][-1] == s1["steps"]
 
@@ -113,6 +116,7 @@ def test_stage2_flops_per_step_include_the_memory(staged):
     info = staged.stage2
     run = load_run(staged.a)
     model = run.model.train()
+    model.longterm = None  # step 0 read an empty long-term store; later steps' searches are charged apart
     cfg, tr = model.config, info["training"]
     data = LongDocs(run.tokenizer, cfg.memory_segments * cfg.max_seq_len, cfg.recall_fraction)
     batch = data.batch(tr["seed"], 0, 0, 0, tr["batch_size"], tr["seq_len"], tr["grad_accum"], 1)
@@ -151,6 +155,9 @@ def test_interrupted_stage2_resumes_exactly(staged, bench_home, tmp_path):
         assert resumed[key] == full[key], key
     assert resumed["stages"] == full["stages"]
     assert (out / "model.safetensors").read_bytes() == (staged.a / "model.safetensors").read_bytes()
+    # the long-term store came back with the checkpoint and grew exactly as without the interruption
+    for name in ("labels.npy", "metadata.json", "index.faiss"):
+        assert (out / "semantic" / name).read_bytes() == (staged.a / "semantic" / name).read_bytes(), name
 
 
 # ============================================================================== refusals

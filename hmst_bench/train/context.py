@@ -8,7 +8,8 @@ uses the same pieces from here, so every architecture is charged, logged and che
     ctx.probe_flops(batches)     FLOPs of forward+backward on real batches, state untouched
     ctx.plan(total_steps)        create the LR schedule (warmup + cosine) for a fresh run
     ctx.restore()                resume: weights, optimiser, schedule, RNG, meter, step, extras
-    ctx.train_step()             one optimiser step of the shared recipe (accumulation, clipping)
+    ctx.train_step(after_update) one optimiser step of the shared recipe (accumulation, clipping);
+                                 after_update may update state and charge extra FLOPs
     ctx.optimizer_step()         clip, check finiteness, step optimiser and schedule
     ctx.after_step(loss, aux)    count the step, log, validate and checkpoint when due
     ctx.should_stop              budget reached or SIGINT/SIGTERM received
@@ -207,8 +208,12 @@ class TrainContext:
     def should_stop(self) -> bool:
         return self.meter.done or self.stop_signal is not None
 
-    def train_step(self) -> float:
-        """One optimiser step of the shared recipe; returns the mean loss of its micro-batches."""
+    def train_step(self, after_update: Optional[Callable[[], tuple[float, dict]]] = None) -> float:
+        """One optimiser step of the shared recipe; returns the mean loss of its micro-batches.
+        `after_update` (a stage runner's) runs after the optimiser step, before the step is
+        charged and checkpointed; it returns the FLOPs this step spent beyond
+        `meter.flops_per_step` (work whose amount changes from step to step), summed over all
+        ranks, and values to log with the step."""
         batches = self.batches(self.step)
         n = len(batches)
         losses, aux_sum = [], {}
@@ -224,7 +229,8 @@ class TrainContext:
         if self.accelerator.num_processes > 1:
             mean = self.accelerator.reduce(mean, reduction="mean")
         self.optimizer_step(float(mean))
-        self.after_step(float(mean), aux_sum, flops=self.meter.flops_per_step, tokens=self.tokens_per_step)
+        extra, logged = after_update() if after_update is not None else (0.0, {})
+        self.after_step(float(mean), {**aux_sum, **logged}, flops=self.meter.flops_per_step + extra, tokens=self.tokens_per_step)
         return float(mean)
 
     def optimizer_step(self, loss: float) -> float:

@@ -36,8 +36,11 @@ and consolidates the same number of entries, so the count is the same for every 
 from __future__ import annotations
 
 import math
+from collections import deque
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,16 +65,16 @@ class MemoryReader(nn.Module):
         """The residual update for h [B, t, d] from `mem` (which records the buffer's usage)."""
         q = self.query(self.norm(h))  # [B, t, m]
         scale = 1.0 / math.sqrt(q.shape[-1])
-        parts, values = [], []
+        parts, values = [], []  # per group: attention logits [B, t, n] and entries
         if mem.buffer is not None:
             buf = mem.buffer.to(q.dtype)  # [B, E, m]
             parts.append(torch.einsum("btm,bem->bte", q, buf) * scale)
             values.append(("episodic", buf))
-        sem = mem.retrieve(q)  # [B, t, k, m] or None
-        if sem is not None:
-            sem = sem.to(q.dtype)
-            parts.append(torch.einsum("btm,btkm->btk", q, sem) * scale)
-            values.append(("semantic", sem))
+        for sem in (mem.retrieve(q), mem.retrieve_longterm(q)):  # [B, t, k, m] or None
+            if sem is not None:
+                sem = sem.to(q.dtype)
+                parts.append(torch.einsum("btm,btkm->btk", q, sem) * scale)
+                values.append(("semantic", sem))
         weights = torch.softmax(torch.cat(parts, dim=-1).float(), dim=-1).to(q.dtype)
         read, at = 0, 0
         for kind, v in values:
@@ -97,16 +100,17 @@ class MemoryModules(nn.Module):
         self.ssm = SelectiveSSM(config.memory_dim, d_state=config.memory_state)
         self.reader = MemoryReader(config.d_model, config.memory_dim, config.rms_norm_eps, config.init_std)
 
-    def new_memory(self, batch: int) -> "DocMemory":
-        return DocMemory(self, batch)
+    def new_memory(self, batch: int, longterm: Optional["LongTermMemory"] = None) -> "DocMemory":
+        return DocMemory(self, batch, longterm)
 
 
 class DocMemory:
     """The memory of one batch of documents while they are read (rows are independent)."""
 
-    def __init__(self, modules: MemoryModules, batch: int):
+    def __init__(self, modules: MemoryModules, batch: int, longterm: Optional["LongTermMemory"] = None):
         c = modules.config
         self.modules = modules
+        self.longterm = longterm if longterm is not None and len(longterm) else None  # read-only here
         self.batch = batch
         self.dim = c.memory_dim
         self.chunk = c.memory_chunk
@@ -122,6 +126,8 @@ class DocMemory:
         self.n_entries = 0
         self.segments = 0
         self.search_flops = 0  # FAISS distance FLOPs actually spent (what memory_extra_flops predicts)
+        self.longterm_flops = 0  # FAISS distance FLOPs of the long-term store's searches
+        self.consolidated: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per write: ids [B, n], vectors [B, n, m], usage [B, n]
 
     # ------------------------------------------------------------------ writing
 
@@ -159,34 +165,59 @@ class DocMemory:
         vectors = old.detach().float().cpu()
         usage = old_usage.cpu()
         per_segment = self.modules.config.max_seq_len // self.chunk
+        picked_ids, picked_vecs, picked_usage = [], [], []
         for b, store in enumerate(self.stores):
             rows = order[b].tolist()
             store.add(vectors[b, rows], [old_ids[r] for r in rows],
                       [{"segment": old_ids[r] // per_segment, "usage": round(float(usage[b, r]), 6)} for r in rows])
+            picked_ids.append([old_ids[r] for r in rows])
+            picked_vecs.append(vectors[b, rows].numpy())
+            picked_usage.append(usage[b, rows].numpy())
+        self.consolidated.append((np.asarray(picked_ids, dtype=np.int64), np.stack(picked_vecs), np.stack(picked_usage)))
+
+    def consolidated_entries(self) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Everything this batch consolidated: (entry ids [B, n], vectors [B, n, m], usage [B, n]),
+        the same n for every row; None if nothing was."""
+        if not self.consolidated:
+            return None
+        return tuple(np.concatenate(parts, axis=1) for parts in zip(*self.consolidated))
 
     # ------------------------------------------------------------------ reading
 
     def retrieve(self, q: torch.Tensor) -> Optional[torch.Tensor]:
-        """Each query's top-k semantic entries [B, t, k, m] (None while the stores are empty),
-        gathered from the entry bank by the ids FAISS returns."""
+        """Each query's top-k entries of its document's semantic store [B, t, k, m] (None while
+        the stores are empty), gathered from the entry bank by the ids FAISS returns."""
+        if q.shape[-1] != self.dim:
+            raise ValueError(f"the query has dimension {q.shape[-1]}, the semantic store {self.dim}")
         size = len(self.stores[0])
         if size == 0:
             return None
-        if q.shape[-1] != self.dim:
-            raise ValueError(f"the query has dimension {q.shape[-1]}, the semantic store {self.dim}")
         k = min(self.top_k, size)
         bank = torch.cat(self.bank, dim=1)  # [B, n_entries, m]
         queries = q.detach().float().cpu()
         picked = []
         for b, store in enumerate(self.stores):
-            _, ids, _ = store.search(queries[b], k)
-            self.search_flops += 2 * queries.shape[1] * len(store) * self.dim
+            _, ids, _ = store.search(queries[b], k, with_metadata=False)
+            self.search_flops += 2 * store.last_distances * self.dim
             picked.append(bank[b, torch.from_numpy(ids).to(bank.device)])  # [t, k, m]
         return torch.stack(picked)
 
+    def retrieve_longterm(self, q: torch.Tensor) -> Optional[torch.Tensor]:
+        """Each query's top-k entries of the run's long-term store [B, t, k, m] (constants: they
+        were written by earlier documents), or None when there is no long-term store."""
+        if self.longterm is None:
+            return None
+        if q.shape[-1] != self.longterm.store.dim:
+            raise ValueError(f"the query has dimension {q.shape[-1]}, the long-term store {self.longterm.store.dim}")
+        b, t, m = q.shape
+        vecs, distances = self.longterm.lookup(q.detach().float().cpu().reshape(b * t, m), self.top_k)
+        self.longterm_flops += 2 * distances * m
+        return torch.from_numpy(vecs).to(device=q.device, dtype=q.dtype).reshape(b, t, -1, m)
+
     @property
-    def empty(self) -> bool:
-        return self.buffer is None
+    def readable(self) -> bool:
+        """Whether a read would find anything: episodic entries, or a long-term store."""
+        return self.buffer is not None or self.longterm is not None
 
 
 def consolidated_count(evicted: int, fraction: float) -> int:
@@ -222,3 +253,68 @@ def memory_extra_flops(config, batch: int, length: int, backward: bool) -> int:
         queries = min(w, length - s * w)
         total += 2 * batch * queries * size * config.memory_dim
     return total
+
+
+class LongTermMemory:
+    """The run's long-term semantic store: what stage 2's training documents consolidated.
+
+    After each training step the stage-2 runner hands it the entries every document of the step
+    consolidated into its own store (`add_step`), under stable ids that name their origin:
+    id = (step * rows_per_step + global row) * entries_per_document + entry. Past `capacity`
+    entries the oldest (smallest ids) are removed. Every text read afterwards (later training
+    steps, validation, evaluation) retrieves from it as well, through the same reader; its
+    vectors are constants (no gradient reaches the documents that wrote them). It is saved with
+    every checkpoint and with the run's files (`save`/`load`, atomic), so `--resume` and
+    `load_run` get it back; the index is flat up to 100k entries, then HNSW.
+    """
+
+    DIR = "semantic"
+
+    def __init__(self, config):
+        self.capacity = config.longterm_capacity
+        self.per_document = config.memory_segments * config.max_seq_len // config.memory_chunk
+        self.store = SemanticStore(config.memory_dim, metric="ip")
+        self._order: deque[int] = deque()  # ids, oldest first
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def add_step(self, step: int, rows_per_step: int, entry_ids: np.ndarray, vectors: np.ndarray,
+                 usage: np.ndarray) -> int:
+        """Add what the step's documents consolidated: global row r (all ranks, in rank order) gave
+        `entry_ids[r]`, `vectors[r]`, `usage[r]`. Returns how many entries were added."""
+        rows, n = entry_ids.shape
+        if rows * n == 0:
+            return 0
+        row = np.arange(rows, dtype=np.int64)[:, None]
+        ids = (step * rows_per_step + row) * self.per_document + entry_ids
+        meta = [{"step": step, "row": int(r), "entry": int(e), "usage": round(float(u), 6)}
+                for r, e_row, u_row in zip(range(rows), entry_ids.tolist(), usage.tolist()) for e, u in zip(e_row, u_row)]
+        self.store.add(vectors.reshape(rows * n, -1).astype(np.float32), ids.reshape(-1), meta)
+        self._order.extend(ids.reshape(-1).tolist())
+        over = len(self.store) - self.capacity
+        if over > 0:  # ids grow with the step: the oldest go first
+            self.store.remove([self._order.popleft() for _ in range(over)])
+        return rows * n
+
+    def lookup(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        """(top-k vectors per query [q, k, m], distances computed); k is at most the store's
+        size. A result an approximate (HNSW) search could not fill repeats the query's best one."""
+        k = min(k, len(self.store))
+        _, ids, _ = self.store.search(queries, k, with_metadata=False)
+        missing = ids < 0
+        if missing.any():
+            ids = np.where(missing, ids[:, :1], ids)
+        return self.store.vectors(ids.reshape(-1)).reshape(len(queries), k, -1), self.store.last_distances
+
+    def save(self, folder) -> None:
+        self.store.save(Path(folder) / self.DIR)
+
+    def load(self, folder) -> bool:
+        """Read the store saved in `folder`, if there is one (a stage-1 run has none)."""
+        path = Path(folder) / self.DIR
+        if not (path / "config.json").exists() and not (path.with_name(f".{self.DIR}.old") / "config.json").exists():
+            return False
+        self.store = SemanticStore.load(path, dim=self.store.dim)
+        self._order = deque(sorted(self.store._id_to_label))
+        return True

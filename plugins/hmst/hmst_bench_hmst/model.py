@@ -35,7 +35,7 @@ from torch import nn
 
 from hmst_bench.arch import IGNORE_INDEX
 from hmst_bench.modeling import RMSNorm, SoftmaxLM, apply_rope, causal_attention, rope_tables
-from hmst_bench_hmst.memory import DocMemory, MemoryModules, memory_extra_flops
+from hmst_bench_hmst.memory import DocMemory, LongTermMemory, MemoryModules, memory_extra_flops
 from hmst_bench_hmst.moe import MoE, RouterStats
 
 
@@ -108,6 +108,10 @@ class HMSTModel(SoftmaxLM):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.memory = MemoryModules(config) if config.memory else None
         self.max_context_len = config.max_seq_len * config.memory_max_segments if config.memory else None
+        # the run's long-term store (memory.LongTermMemory): filled by stage 2, saved with the run
+        self.longterm = LongTermMemory(config) if config.memory and config.longterm_capacity else None
+        self._pending: list = []  # what training reads consolidated, until the stage-2 runner takes it
+        self._pending_flops = 0
 
     # ------------------------------------------------------------------ one forward pass
 
@@ -127,18 +131,21 @@ class HMSTModel(SoftmaxLM):
             h, s = layer(h, cos, sin, None if caches is None else caches[i])
             if s is not None:
                 stats.append(s)
-            if mem is not None and i == self.config.memory_layer and not mem.empty:
+            if mem is not None and i == self.config.memory_layer and mem.readable:
                 h = h + self.memory.reader(h, mem)
         h = self.norm(h)
         return h, self.project(h if keep is None else h[:, keep]), stats
 
-    def segments(self, input_ids: torch.Tensor, keep: Optional[slice] = None):
+    def new_memory(self, batch: int) -> DocMemory:
+        return self.memory.new_memory(batch, self.longterm)
+
+    def segments(self, input_ids: torch.Tensor, keep: Optional[slice] = None, mem: Optional[DocMemory] = None):
         """Read a text of any length (up to max_context_len) with memory: yields (start, hidden
         states, logits at the kept positions of the segment, routing stats) per window-sized
         segment; each finished segment is written to the memory before the next is read."""
         w, total = self.max_seq_len, input_ids.shape[1]
         lo, hi = (0, total) if keep is None else keep.indices(total)[:2]
-        mem = self.memory.new_memory(input_ids.shape[0])
+        mem = mem if mem is not None else self.new_memory(input_ids.shape[0])
         for a in range(0, total, w):
             seg = input_ids[:, a : a + w]
             local = slice(min(max(lo - a, 0), seg.shape[1]), min(max(hi - a, 0), seg.shape[1]))
@@ -155,7 +162,7 @@ class HMSTModel(SoftmaxLM):
         return self.forward_all(input_ids, keep=slice(0, 0))[0]
 
     def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
-        if self.memory is not None and input_ids.shape[1] > self.max_seq_len:
+        if self.memory is not None:
             return torch.cat([logits for _, _, logits, _ in self.segments(input_ids, keep)], dim=1)
         return self.forward_all(input_ids, keep)[1]
 
@@ -165,14 +172,18 @@ class HMSTModel(SoftmaxLM):
         """Next-token loss plus the routers' aux losses; a batch longer than the window (stage
         2's documents) is read in segments with memory, its loss the mean over all its tokens."""
         ids, labels = batch["input_ids"], batch["labels"]
-        if self.memory is not None and ids.shape[1] > self.max_seq_len:
+        if self.memory is not None:
             nats, stats = 0.0, []
-            for a, _, logits, st in self.segments(ids):
+            mem = self.new_memory(ids.shape[0])
+            for a, _, logits, st in self.segments(ids, mem=mem):
                 target = labels[:, a : a + logits.shape[1]]
                 nats = nats + F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(),
                                               ignore_index=IGNORE_INDEX, reduction="sum")
                 stats += st
             lm = nats / (labels != IGNORE_INDEX).sum().clamp_min(1)
+            if self.training and torch.is_grad_enabled():  # for the long-term store (stage2.py)
+                self._pending.append(mem.consolidated_entries())
+                self._pending_flops += mem.longterm_flops
         else:
             _, logits, stats = self.forward_all(ids)
             lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -186,6 +197,21 @@ class HMSTModel(SoftmaxLM):
             aux.update(balance_loss=balance.detach(), z_loss=z.detach(), expert_load_max=load.max())
             aux.update({f"load_e{i}": f for i, f in enumerate(load)})
         return total, aux
+
+    def take_pending(self) -> tuple[list, int]:
+        """What training reads consolidated since the last call (one item per loss call) and the
+        long-term searches' FLOPs they spent; both are then cleared."""
+        pending, flops = self._pending, self._pending_flops
+        self._pending, self._pending_flops = [], 0
+        return pending, flops
+
+    def save_artifacts(self, folder) -> None:
+        if self.longterm is not None:
+            self.longterm.save(folder)
+
+    def load_artifacts(self, folder) -> None:
+        if self.longterm is not None:
+            self.longterm.load(folder)
 
     def extra_flops(self, batch) -> int:
         """A training step's FLOPs the counter cannot see: the memory's (see memory.py)."""
@@ -225,7 +251,7 @@ class HMSTModel(SoftmaxLM):
         if seq.shape[1] > self.context_len:
             return self.next_token_logprobs(seq), {"seq": seq, "recompute": True}
         if state is None:
-            state = {"mem": self.memory.new_memory(seq.shape[0]), "caches": [{} for _ in self.layers],
+            state = {"mem": self.new_memory(seq.shape[0]), "caches": [{} for _ in self.layers],
                      "hidden": [], "segment_start": 0}
             tokens = seq
         else:

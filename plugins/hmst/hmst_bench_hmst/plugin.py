@@ -47,6 +47,7 @@ class HMSTConfig:
     memory_max_segments: int = 64  # longest text read with memory, in windows (max_context_len)
     memory_segments: int = 4  # stage 2: training documents of this many windows
     recall_fraction: float = 0.5  # stage 2: share of synthetic recall documents (the rest stdlib-code files)
+    longterm_capacity: int = 1_000_000  # entries of the run's long-term store (memory.LongTermMemory); 0: none
     # derived, never set by hand
     head_dim: int = field(init=False)
     expert_d_ff: int = field(init=False)
@@ -77,6 +78,8 @@ class HMSTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+        if isinstance(self.longterm_capacity, bool) or not isinstance(self.longterm_capacity, int) or self.longterm_capacity < 0:
+            raise ConfigError(f"longterm_capacity must be an integer >= 0, got {self.longterm_capacity!r}")
         if not isinstance(self.memory, bool):
             raise ConfigError(f"memory must be true or false, got {self.memory!r}")
         if self.memory and self.max_seq_len % self.memory_chunk:

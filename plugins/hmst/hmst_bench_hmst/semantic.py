@@ -132,6 +132,7 @@ class SemanticStore:
         self._meta: dict[int, Any] = {}
         self._dead = 0  # tombstoned labels still inside a flat/HNSW index
         self._selector: Any = None  # cached (IDSelectorNot, IDSelectorBatch) excluding tombstones
+        self.last_distances = 0  # vector distances computed by the last search
         if index == "ivfpq":
             self.kind, self._index = "ivfpq", None  # trained on the first add
         else:
@@ -345,25 +346,47 @@ class SemanticStore:
             return faiss.SearchParametersIVF(nprobe=probe)
         return faiss.SearchParameters(sel=sel) if sel is not None else None
 
-    def search(self, queries: Any, k: int, *, ef_search: int | None = None,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, list[list[Any]]]:
-        """Top-k live entries per query: (scores [q, k] float32, ids [q, k] int64, metadata lists).
-        `ef_search` (HNSW) / `nprobe` (IVF-PQ) override the store's setting for this call."""
+    def search(self, queries: Any, k: int, *, ef_search: int | None = None, nprobe: int | None = None,
+               with_metadata: bool = True) -> tuple[np.ndarray, np.ndarray, list[list[Any]] | None]:
+        """Top-k live entries per query: (scores [q, k] float32, ids [q, k] int64, metadata lists,
+        or None with `with_metadata=False`). `ef_search` (HNSW) / `nprobe` (IVF-PQ) override the
+        store's setting for this call. Afterwards `last_distances` holds the number of vector
+        distances FAISS computed (flat: queries x entries; HNSW / IVF: FAISS's own counters)."""
         q = self._as_matrix(queries, "search")
         k = _check_pos_int("k", k)
         worst = -np.inf if self.metric == "ip" else np.inf
+        self.last_distances = 0
         if self._index is None or len(self) == 0:
             scores = np.full((len(q), k), worst, dtype=np.float32)
             ids = np.full((len(q), k), -1, dtype=np.int64)
         else:
+            stats = {"hnsw": faiss.cvar.hnsw_stats, "ivfpq": faiss.cvar.indexIVF_stats}.get(self.kind)
+            if stats is not None:
+                stats.reset()
             scores, labels = self._index.search(q, k, params=self._search_params(k, ef_search, nprobe))
+            self.last_distances = int(stats.ndis) if stats is not None else len(q) * int(self._index.ntotal)
             found = labels >= 0
             ids = np.full(labels.shape, -1, dtype=np.int64)
             ids[found] = self._label_to_id[labels[found]]
             scores = np.where(ids >= 0, scores, worst).astype(np.float32)
+        if not with_metadata:
+            return scores, ids, None
         meta = self._meta
         metadata = [[meta.get(i) if i >= 0 else None for i in row] for row in ids.tolist()]
         return scores, ids, metadata
+
+    def vectors(self, ids: Any) -> np.ndarray:
+        """The stored vectors [n, dim] of `ids` (exact for flat and HNSW; IVF-PQ keeps only codes)."""
+        if self.kind == "ivfpq":
+            raise ValueError("an IVF-PQ store keeps compressed codes, not its vectors; use index='hnsw' or 'flat'")
+        id_list = np.atleast_1d(np.asarray(ids, dtype=np.int64)).tolist()
+        missing = [i for i in id_list if i not in self._id_to_label]
+        if missing:
+            raise KeyError(f"id {missing[0]} is not in the semantic store")
+        if not id_list:
+            return np.empty((0, self.dim), np.float32)
+        labels = np.asarray([self._id_to_label[i] for i in id_list], dtype=np.int64)
+        return self._index.reconstruct_batch(labels)
 
     # ------------------------------------------------------------------ persistence
 
