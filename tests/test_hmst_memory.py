@@ -65,6 +65,7 @@ def test_memory_is_off_in_stage_1_and_on_in_stage_2():
 def test_memory_fields_are_derived_in_every_preset(size):
     c = HMST.make_config(size, {"memory": True})
     assert c.memory_dim == c.d_model // 2 and c.memory_layer == c.n_layers // 2 < c.n_layers
+    assert c.episodic_capacity == c.max_seq_len // c.memory_chunk  # one window's entries
     assert c.max_seq_len % c.memory_chunk == 0
     model_dim_checked = HMSTModel(HMST.make_config("micro", {"memory": True})).memory
     assert model_dim_checked.reader.query.out_features == model_dim_checked.write.out_features
@@ -77,6 +78,8 @@ def test_memory_fields_are_derived_in_every_preset(size):
     (dict(memory_segments=1), "must be at least 2"),
     (dict(memory="yes"), "memory must be true or false"),
     (dict(semantic_top_k=0), "semantic_top_k"),
+    (dict(episodic_slots=-1), "episodic_slots must be an integer >= 0"),
+    (dict(longterm_capacity=-5), "longterm_capacity must be an integer >= 0"),
 ])
 def test_memory_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):

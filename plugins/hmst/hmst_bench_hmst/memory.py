@@ -11,7 +11,7 @@ states are written to the document's memory (`DocMemory.write`):
    the projected segment; its outputs at every `memory_chunk`-th position are the segment's
    episodic entries: summaries of the text that is leaving the window. Entry j of a document
    has the stable id j (its ordinal), the same in every row;
-3. the episodic buffer keeps the newest `episodic_slots` entries. Entries pushed out of it are
+3. the episodic buffer keeps the newest `episodic_capacity` entries (one window's by default). Entries pushed out of it are
    consolidated: in each row, the `consolidate_fraction` of them that the reader attended to
    most while they were in the buffer (their usage) are added to that row's semantic store
    (`semantic.SemanticStore`, dimension memory_dim) by id; the rest are forgotten.
@@ -114,7 +114,7 @@ class DocMemory:
         self.batch = batch
         self.dim = c.memory_dim
         self.chunk = c.memory_chunk
-        self.slots = c.episodic_slots
+        self.slots = c.episodic_capacity
         self.top_k = c.semantic_top_k
         self.fraction = c.consolidate_fraction
         self.state: Optional[torch.Tensor] = None  # SSM state [B, m, N]
@@ -231,9 +231,9 @@ def store_sizes(segments: int, segment_len: int, config) -> list[int]:
     buffered, stored, sizes = 0, 0, []
     for _ in range(segments - 1):
         buffered += per
-        if buffered > config.episodic_slots:
-            stored += consolidated_count(buffered - config.episodic_slots, config.consolidate_fraction)
-            buffered = config.episodic_slots
+        if buffered > config.episodic_capacity:
+            stored += consolidated_count(buffered - config.episodic_capacity, config.consolidate_fraction)
+            buffered = config.episodic_capacity
         sizes.append(stored)
     return sizes
 

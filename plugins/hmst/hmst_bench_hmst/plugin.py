@@ -41,7 +41,7 @@ class HMSTConfig:
     memory: bool = False
     memory_state: int = 16  # episodic SSM state size per channel
     memory_chunk: int = 16  # tokens summarised by one episodic entry (divides max_seq_len)
-    episodic_slots: int = 16  # entries in the episodic buffer; older ones are consolidated
+    episodic_slots: int = 0  # entries in the episodic buffer (0: one window's, max_seq_len / memory_chunk); older ones are consolidated
     consolidate_fraction: float = 0.5  # of the entries leaving the buffer, the most read go to the semantic store
     semantic_top_k: int = 8  # semantic entries each token retrieves
     memory_max_segments: int = 64  # longest text read with memory, in windows (max_context_len)
@@ -54,6 +54,7 @@ class HMSTConfig:
     n_moe_layers: int = field(init=False)
     memory_dim: int = field(init=False)  # entries, queries and the semantic store: d_model / 2
     memory_layer: int = field(init=False)  # the memory is read after this block: n_layers // 2
+    episodic_capacity: int = field(init=False)  # episodic_slots, or one window's entries when it is 0
 
     def __post_init__(self) -> None:
         require_positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_experts", "top_k",
@@ -72,7 +73,7 @@ class HMSTConfig:
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
-        require_positive(self, "memory_state", "memory_chunk", "episodic_slots", "semantic_top_k",
+        require_positive(self, "memory_state", "memory_chunk", "semantic_top_k",
                          "memory_max_segments", "memory_segments")
         for name in ("consolidate_fraction", "recall_fraction"):
             value = getattr(self, name)
@@ -80,6 +81,8 @@ class HMSTConfig:
                 raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
         if isinstance(self.longterm_capacity, bool) or not isinstance(self.longterm_capacity, int) or self.longterm_capacity < 0:
             raise ConfigError(f"longterm_capacity must be an integer >= 0, got {self.longterm_capacity!r}")
+        if isinstance(self.episodic_slots, bool) or not isinstance(self.episodic_slots, int) or self.episodic_slots < 0:
+            raise ConfigError(f"episodic_slots must be an integer >= 0 (0: one window's entries), got {self.episodic_slots!r}")
         if not isinstance(self.memory, bool):
             raise ConfigError(f"memory must be true or false, got {self.memory!r}")
         if self.memory and self.max_seq_len % self.memory_chunk:
@@ -90,6 +93,7 @@ class HMSTConfig:
         self.head_dim = self.d_model // self.n_heads
         self.memory_dim = max(1, self.d_model // 2)
         self.memory_layer = min(self.n_layers - 1, self.n_layers // 2)
+        self.episodic_capacity = self.episodic_slots or max(1, self.max_seq_len // self.memory_chunk)
         m = self.ffn_multiple_of
         self.expert_d_ff = m * -(-(8 * self.d_model // 3) // m)
         self.n_moe_layers = self.n_layers // self.moe_every
