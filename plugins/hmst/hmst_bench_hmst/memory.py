@@ -16,11 +16,14 @@ states are written to the document's memory (`DocMemory.write`):
    most while they were in the buffer (their usage) are added to that row's semantic store
    (`semantic.SemanticStore`, dimension memory_dim) by id; the rest are forgotten.
 
+4. across documents: what stage 2's training documents consolidated also goes, after each
+   optimiser step, into the run's long-term store (`LongTermMemory`), saved with the run.
+
 Reading (`MemoryReader`, after block `memory_layer`): each token's query q = W_q(RMSNorm(h))
-(memory_dim wide, the store's dimension, checked at every search) attends over the episodic
-buffer and over its own top-`semantic_top_k` entries of the semantic store, found by FAISS with
-the same inner product the attention scores use (retrieval = approximate top-k attention, as in
-Memorizing Transformers). The retrieved ids index the document's entry bank, so gradients flow
+(memory_dim wide, the stores' dimension, checked at every search) attends over the episodic
+buffer, over its own top-`semantic_top_k` entries of the document's semantic store and over its
+top-`semantic_top_k` of the long-term store, found by FAISS with the same inner product the
+attention scores use (retrieval = approximate top-k attention, as in Memorizing Transformers). The retrieved ids index the document's entry bank, so gradients flow
 through retrieved values into the write path; the selection itself is not differentiable. The
 result enters the residual stream as tanh(gate) * W_o(attention output), with gate = 0 at
 initialisation: a model whose memory is new behaves exactly like the plain MoE LM, and stage 2
@@ -28,9 +31,11 @@ learns to open the gate. Everything in the memory comes from earlier segments, s
 causal.
 
 FLOPs: the budget meter counts the projections and attention einsums itself; `memory_extra_flops`
-adds what it cannot see (the SSM's elementwise work and FAISS's distance computations, 2 * dim
-per query per stored entry for a flat index), from the shapes alone: every row of a batch writes
-and consolidates the same number of entries, so the count is the same for every step.
+adds what it cannot see of a document's own memory (the SSM's elementwise work and FAISS's
+distance computations, 2 * dim per query per stored entry for a flat index), from the shapes
+alone: every row of a batch writes and consolidates the same number of entries, so the count is
+the same for every step. The long-term store's searches grow with it; `DocMemory.longterm_flops`
+measures them (FAISS's distance counts) and the stage-2 runner charges them step by step.
 """
 
 from __future__ import annotations

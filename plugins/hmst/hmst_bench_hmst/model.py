@@ -21,7 +21,9 @@ aligned from its first token: attention sees the current segment, the memory rea
 decoding all follow that one reading, up to `max_context_len` = memory_max_segments windows
 (longer queries keep their last max_context_len tokens). Decoding stays exact and cached: the KV
 cache covers the current segment, and when a segment fills, its hidden states are written to the
-memory and the cache starts afresh. Without memory the model is the plain MoE LM above.
+memory and the cache starts afresh. With memory, every text (even one within the window) also
+reads the run's long-term store (`memory.LongTermMemory`, filled by stage 2 and saved with the run
+through `save_artifacts`). Without memory the model is the plain MoE LM above.
 """
 
 from __future__ import annotations
