@@ -204,7 +204,10 @@ class DocMemory:
         for b, store in enumerate(self.stores):
             _, ids, _ = store.search(queries[b], k, with_metadata=False)
             self.search_flops += 2 * store.last_distances * self.dim
-            picked.append(bank[b, torch.from_numpy(ids).to(bank.device)])  # [t, k, m]
+            # index_select, not bank[b, ids]: its backward (index_add) sums repeated ids in a
+            # fixed order, where advanced indexing's accumulate is not deterministic on CPU
+            rows = torch.from_numpy(ids).to(bank.device).reshape(-1)
+            picked.append(bank[b].index_select(0, rows).reshape(*ids.shape, -1))  # [t, k, m]
         return torch.stack(picked)
 
     def retrieve_longterm(self, q: torch.Tensor) -> Optional[torch.Tensor]:
