@@ -206,6 +206,29 @@ def test_ivfpq_recall_at_5():
     assert recall(got, want) >= IVFPQ_RECALL
 
 
+def test_vectors_by_id_and_distance_counts():
+    """`vectors(ids)` gives back exactly what was stored (flat and HNSW), `last_distances`
+    counts the distances FAISS computed (flat: queries x entries; HNSW: its own counter)."""
+    data = rand(100)
+    store = SemanticStore(DIM, flat_limit=50)
+    store.add(data[:40], np.arange(100, 140))
+    assert np.array_equal(store.vectors([105, 100]), data[[5, 0]])
+    _, _, meta = store.search(data[:3], 2, with_metadata=False)
+    assert meta is None and store.last_distances == 3 * 40
+    store.add(data[40:], np.arange(140, 200))
+    assert store.kind == "hnsw" and np.array_equal(store.vectors([199, 120]), data[[99, 20]])
+    store.search(data[:3], 2)
+    assert store.last_distances > 0
+    with pytest.raises(KeyError, match="not in the semantic store"):
+        store.vectors([5])
+    pq = SemanticStore(DIM, index="ivfpq", nlist=4, pq_m=8, nbits=4)
+    pq.add(rand(64, seed=2), np.arange(64))
+    pq.search(rand(2, seed=3), 3)
+    assert pq.last_distances > 0
+    with pytest.raises(ValueError, match="compressed codes"):
+        pq.vectors([0])
+
+
 # ====================================================================== metadata
 
 
