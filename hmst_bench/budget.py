@@ -151,7 +151,12 @@ class BudgetMeter:
         result, local = count_flops(fn)
         if model is not None:
             local += sum(model_extra_flops(model, b) for b in batches)
-        return result, _sum_over_ranks(float(local)) if self.world_size > 1 else float(local)
+        return result, self.sum_over_ranks(local)
+
+    def sum_over_ranks(self, local: float) -> float:
+        """`local` FLOPs of this rank summed over all data-parallel ranks (an all-reduce: every
+        rank must call it at the same point)."""
+        return _sum_over_ranks(float(local)) if self.world_size > 1 else float(local)
 
     def add(self, flops: float, tokens: int, steps: int = 1) -> None:
         self.flops += flops

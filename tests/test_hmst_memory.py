@@ -281,6 +281,7 @@ def test_the_model_returns_its_documented_outputs_with_and_without_memory():
 def _fill_longterm(model, steps=2, seed=9):
     """Train-mode reads of long documents, handed to the long-term store as stage 2 does."""
     model.train()
+    model.collect_consolidated = True
     for step in range(steps):
         ids = rand_ids(2, 4 * W, seed=seed + step)
         model.loss({"input_ids": ids, "labels": ids})
@@ -356,6 +357,9 @@ def test_the_longterm_store_is_saved_and_loaded_with_the_model(tmp_path):
 def test_only_training_reads_are_handed_to_the_longterm_store():
     model = build().train()
     ids = rand_ids(2, 4 * W, seed=13)
+    model.loss({"input_ids": ids, "labels": ids})
+    assert model.take_pending() == ([], 0)  # nothing is kept unless a runner collects (no leak in a plain loop)
+    model.collect_consolidated = True
     model.loss({"input_ids": ids, "labels": ids})
     pending, _ = model.take_pending()
     assert len(pending) == 1 and pending[0][0].shape == (2, M.store_sizes(4, W, model.config)[-1])

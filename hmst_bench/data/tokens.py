@@ -61,9 +61,14 @@ class TokenData:
             yield self._to_batch(windows[i : i + batch_size])
 
     def _to_batch(self, windows) -> dict:
-        labels = windows[:, 1:].clone()
-        labels[labels == self.pad_id] = IGNORE_INDEX  # only PAD is ignored; EOS is a target
-        return {"input_ids": windows[:, :-1].contiguous(), "labels": labels}
+        return windows_to_batch(windows, self.pad_id)
+
+
+def windows_to_batch(windows, pad_id: int) -> dict:
+    """Windows [B, T + 1] (a torch tensor) -> inputs [B, T] and next-token labels, PAD ignored."""
+    labels = windows[:, 1:].clone()
+    labels[labels == pad_id] = IGNORE_INDEX  # only PAD is ignored; EOS is a target
+    return {"input_ids": windows[:, :-1].contiguous(), "labels": labels}
 
 
 def _encode(tok, texts: list[str]) -> np.ndarray:

@@ -89,7 +89,7 @@ class HmstBenchLM(TemplateLM):
         # a model with a memory (HMST) reads further back than its window: it gets the whole
         # context up to its `max_context_len`; every other model gets the last window
         reach = int(getattr(self.model, "max_context_len", None) or window)
-        self.max_context = self.max_length if reach <= window else (min(int(max_length), reach) if max_length else reach)
+        self.max_context = min(int(max_length), reach) if max_length else reach
         self.max_gen_toks = int(max_gen_toks)
         self.progress = progress  # False: no tqdm bars (our CLI shows its own status)
         self._score = getattr(self.model, "score", None)

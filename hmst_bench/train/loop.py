@@ -327,7 +327,7 @@ def start_budget(ctx: TrainContext, flops_per_step: float, segments: int = 1) ->
     if ctx.budget.kind == "tokens" and ctx.budget.amount < ctx.tokens_per_step:
         raise TrainError(
             f"budget {ctx.budget.text} is below one training step ({ctx.tokens_per_step} tokens at batch "
-            f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {ctx.tokens_per_step}tok or more"
+            f"{ctx.recipe.batch_size} x seq {ctx.row_tokens or ctx.recipe.seq_len}); use --budget {ctx.tokens_per_step}tok or more"
         )
     if fps <= 0 and ctx.budget.kind == "flops":
         raise TrainError(
@@ -337,7 +337,7 @@ def start_budget(ctx: TrainContext, flops_per_step: float, segments: int = 1) ->
     if ctx.budget.kind == "flops" and ctx.budget.amount < fps:
         raise TrainError(
             f"budget {ctx.budget.text} is below one training step ({fps:.3g} FLOPs at batch "
-            f"{ctx.recipe.batch_size} x seq {ctx.recipe.seq_len}); use --budget {_round_up(fps)} or more"
+            f"{ctx.recipe.batch_size} x seq {ctx.row_tokens or ctx.recipe.seq_len}); use --budget {_round_up(fps)} or more"
         )
     steps = ctx.budget.steps_for(fps, ctx.tokens_per_step)
     ctx.plan(steps * segments if ctx.budget.kind == "tokens" else steps)

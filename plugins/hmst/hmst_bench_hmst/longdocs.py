@@ -34,7 +34,7 @@ import re
 
 import numpy as np
 
-from hmst_bench.arch import IGNORE_INDEX
+from hmst_bench.data.tokens import windows_to_batch
 
 RNG_SALT = 0x10D0C5  # keeps these draws apart from TokenData's default_rng([seed, step])
 VAL_SEED = 20260501  # the fixed validation documents
@@ -95,7 +95,6 @@ class LongDocs:
         self.eos_id = tokenizer.eos_token_id
         self._code: dict[str, list[np.ndarray]] = {s: [] for s in _SPLITS}
         self._code_total: dict[str, int] = {s: 0 for s in _SPLITS}
-        self._packed: dict[str, np.ndarray] = {}
         self._code_corpus: dict = {}
         self._filler: dict[str, _Sentences] = {}
         self._names: list[str] = []
@@ -121,7 +120,6 @@ class LongDocs:
         self._code_corpus = {"name": corpus.name, "fingerprint": corpus.fingerprint}
         for split, packed in (("train", data.train), ("val", data.val)):
             files = _files(np.asarray(packed), self.bos_id)
-            self._packed[split] = np.asarray(packed)
             self._code_total[split] = len(files)
             self._code[split] = [f for f in files if len(f) >= self.length]
 
@@ -252,18 +250,7 @@ class LongDocs:
             yield self._to_batch(docs[i : i + batch_size])
 
     def _to_batch(self, docs) -> dict:
-        labels = docs[:, 1:].clone()
-        labels[labels == self.pad_id] = IGNORE_INDEX  # only PAD is ignored; EOS is a target
-        return {"input_ids": docs[:, :-1].contiguous(), "labels": labels}
-
-    @property
-    def train(self) -> np.ndarray:
-        """The packed code training tokens (or, without code, the recall filler)."""
-        return self._packed["train"] if "train" in self._packed else self._filler["train"].ids
-
-    @property
-    def val(self) -> np.ndarray:
-        return self._packed["val"] if "val" in self._packed else self._filler["val"].ids
+        return windows_to_batch(docs, self.pad_id)
 
     def describe(self) -> dict:
         return {
@@ -278,6 +265,3 @@ class LongDocs:
             "val_seed": VAL_SEED,
         }
 
-
-def make_long_docs(tokenizer, doc_tokens: int, recall_fraction: float = 0.5) -> LongDocs:
-    return LongDocs(tokenizer, doc_tokens, recall_fraction)

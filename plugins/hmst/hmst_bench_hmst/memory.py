@@ -324,5 +324,5 @@ class LongTermMemory:
         if not (path / "config.json").exists() and not (path.with_name(f".{self.DIR}.old") / "config.json").exists():
             return False
         self.store = SemanticStore.load(path, dim=self.store.dim)
-        self._order = deque(sorted(self.store._id_to_label))
+        self._order = deque(self.store.ids())
         return True

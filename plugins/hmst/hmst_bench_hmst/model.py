@@ -112,7 +112,10 @@ class HMSTModel(SoftmaxLM):
         self.max_context_len = config.max_seq_len * config.memory_max_segments if config.memory else None
         # the run's long-term store (memory.LongTermMemory): filled by stage 2, saved with the run
         self.longterm = LongTermMemory(config) if config.memory and config.longterm_capacity else None
-        self._pending: list = []  # what training reads consolidated, until the stage-2 runner takes it
+        # the stage-2 runner turns this on: training reads then keep what they consolidated (and
+        # the long-term searches' FLOPs) until it takes them for the long-term store
+        self.collect_consolidated = False
+        self._pending: list = []
         self._pending_flops = 0
 
     # ------------------------------------------------------------------ one forward pass
@@ -183,7 +186,7 @@ class HMSTModel(SoftmaxLM):
                                               ignore_index=IGNORE_INDEX, reduction="sum")
                 stats += st
             lm = nats / (labels != IGNORE_INDEX).sum().clamp_min(1)
-            if self.training and torch.is_grad_enabled():  # for the long-term store (stage2.py)
+            if self.collect_consolidated and self.training and torch.is_grad_enabled():  # stage2.py
                 self._pending.append(mem.consolidated_entries())
                 self._pending_flops += mem.longterm_flops
         else:

@@ -255,6 +255,10 @@ class SemanticStore:
     def __len__(self) -> int:
         return len(self._id_to_label)
 
+    def ids(self) -> list[int]:
+        """The live ids, ascending."""
+        return sorted(self._id_to_label)
+
     def __contains__(self, id_: Any) -> bool:
         return int(id_) in self._id_to_label
 

@@ -48,6 +48,7 @@ def run(ctx: TrainContext) -> None:
         raise TrainError(str(exc)) from None
     ctx.data = data
     ctx.row_tokens = doc_tokens
+    model.collect_consolidated = model.longterm is not None
     if ctx.resuming:
         ctx.restore()  # the long-term store comes back through load_artifacts
     else:
@@ -57,7 +58,7 @@ def run(ctx: TrainContext) -> None:
     def after_update() -> tuple[float, dict]:
         pending, flops = model.take_pending()
         added = _to_longterm(ctx, [p for p in pending if p is not None])
-        flops = _sum_over_ranks(ctx, float(flops))
+        flops = ctx.meter.sum_over_ranks(flops)
         total = ctx.extra_state["longterm_flops"] = ctx.extra_state.get("longterm_flops", 0.0) + flops  # checkpointed
         size = len(model.longterm) if model.longterm is not None else 0
         return flops, {"longterm_entries": size, "longterm_added": added, "longterm_search_flops": flops,
@@ -80,9 +81,3 @@ def _to_longterm(ctx: TrainContext, pending: list) -> int:
     rows_per_step = ctx.recipe.batch_size * ctx.recipe.grad_accum * ctx.accelerator.num_processes
     return model.longterm.add_step(ctx.step, rows_per_step, ids, vecs, usage)
 
-
-def _sum_over_ranks(ctx: TrainContext, value: float) -> float:
-    if ctx.accelerator.num_processes == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=ctx.accelerator.device)
-    return float(ctx.accelerator.reduce(t, reduction="sum"))
