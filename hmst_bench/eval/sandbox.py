@@ -1,20 +1,25 @@
-"""Run untrusted (model-written) Python programs in a bubblewrap sandbox, fast.
+"""Run untrusted (model-written) Python programs in a bubblewrap sandbox, fast, with verdicts the
+program cannot forge.
 
-`SandboxPool(workers=N).run(programs)` returns one `Result` per program. Each worker is one
-long-lived `bwrap` process (see `sandbox_worker.py` for what happens inside) with:
+`SandboxPool(workers=N).run(jobs)` returns one `Result` per job. A job is a `Program`: the
+untrusted `candidate` code plus the trusted test (`setup`, `test`, the names to `rebind` to the
+program's own). The test runs in a separate judge process that reaches the program only through a
+socket carrying plain values (`sandbox_judge.py`); a plain string is a self-checking program whose
+own asserts decide, which suits containment tests but is only as honest as the program.
 
-- new network, PID, IPC, UTS (and, where allowed, user and cgroup) namespaces: no network at
-  all, the worker is PID 1 so a program can neither see nor kill anything outside;
-- a read-only file system holding only what the interpreter needs (/usr, /bin, /lib*, the
-  Python installation) -- no /home, /root, /etc, project or data folders -- plus /dev, /proc and
-  a private size-limited tmpfs at /tmp, in which each program gets a fresh working directory;
-- a clean environment (no inherited variables), all capabilities dropped, `--die-with-parent`;
-- per program: rlimits on address space (default 1 GiB), CPU seconds, processes, file size and
-  open files; a seccomp filter refusing new processes and ptrace; a wall-clock timeout that kills
-  the program's process group; stdout/stderr captured and truncated to a bound.
+Each worker is one long-lived `bwrap` process (`sandbox_worker.py` says what happens inside):
+- new user, network, PID, IPC, UTS and cgroup namespaces; when the caller is root, the user
+  namespace maps onto unused host uids (`uid_base`), so nothing inside is root on the host, and the
+  judge and the candidate get uids of their own, different from the worker's;
+- a read-only file system holding only what the interpreter needs (/usr, /bin, /lib*, the Python
+  installation) and the two sandbox files -- no /home, /root, /etc, project or data folders --
+  plus a minimal /dev and /proc;
+- a clean environment, `--die-with-parent`, `--new-session`; per job a fresh candidate with its own
+  PID, mount and IPC namespaces, a private bounded /tmp and /dev/shm, rlimits, a seccomp filter, and
+  a wall-clock timeout.
 
 Without bubblewrap, execution is refused (`SandboxError`) unless `allow_unsandboxed=True`: then
-the same worker runs directly (rlimits, seccomp and fork-per-program still apply; namespaces and
+the same worker runs directly (rlimits, seccomp and the separate judge still apply; namespaces and
 the file-system view do not) and every result says `sandboxed: False`.
 """
 
@@ -30,14 +35,32 @@ import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
-WORKER_SOURCE = Path(__file__).with_name("sandbox_worker.py")
+HERE = Path(__file__).parent
+WORKER_SOURCE = HERE / "sandbox_worker.py"
+JUDGE_SOURCE = HERE / "sandbox_judge.py"
+INSIDE = "/sandbox"  # where the two files appear inside the sandbox (read-only)
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install -y bubblewrap) or pass --allow-unsandboxed"
+WORKER_CAPS = "CAP_SETUID,CAP_SETGID,CAP_SYS_ADMIN,CAP_KILL"  # inside the worker's own user namespace only
 
 
 class SandboxError(RuntimeError):
     """The sandbox cannot run; the message is one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class Program:
+    """One job: untrusted `candidate` code, judged by trusted code in another process.
+
+    The judge binds the candidate's top-level names as remote proxies, runs `setup`, rebinds each
+    name in `rebind` to the candidate's (HumanEval's entry point after its prompt), then runs
+    `test`. The job passes when `test` finishes without an exception."""
+
+    candidate: str
+    test: str = ""
+    setup: str = ""
+    rebind: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,18 +72,20 @@ class Limits:
     file_bytes: int = 16 << 20          # RLIMIT_FSIZE
     open_files: int = 64                # RLIMIT_NOFILE
     output_bytes: int = 16 << 10        # captured stdout and stderr, each
-    tmpfs_bytes: int = 256 << 20        # the worker's whole /tmp
+    tmp_bytes: int = 64 << 20           # each program's private /tmp (a fresh tmpfs)
+    shm_bytes: int = 16 << 20           # each program's private /dev/shm (a fresh tmpfs)
 
     def worker(self) -> dict:
         cpu = self.cpu_seconds if self.cpu_seconds is not None else int(-(-self.timeout // 1))
         return {"memory_bytes": self.memory_bytes, "cpu_seconds": max(cpu, 1), "processes": self.processes,
-                "file_bytes": self.file_bytes, "open_files": self.open_files, "output_bytes": self.output_bytes}
+                "file_bytes": self.file_bytes, "open_files": self.open_files, "output_bytes": self.output_bytes,
+                "tmp_bytes": self.tmp_bytes, "shm_bytes": self.shm_bytes}
 
 
 @dataclass
 class Result:
     passed: bool
-    result: str                 # "passed", "timed out", "failed: <last error line>", ...
+    result: str                 # "passed", "timed out", "failed: <the test's error>", ...
     sandboxed: bool
     exit_code: Optional[int] = None
     timed_out: bool = False
@@ -84,14 +109,21 @@ def _interpreter() -> tuple[str, list[str]]:
     return exe, sorted(prefixes)
 
 
-def bwrap_command(limits: Limits) -> list[str]:
+def uid_base(index: int) -> int:
+    """Host uids base..base+2 for worker `index` of this process: far above any real account's,
+    distinct per worker and (almost surely) per concurrent hmst-bench process."""
+    return 1_500_000_000 + (os.getpid() % 100_000) * 32 + index * 4
+
+
+def bwrap_command(limits: Limits, index: int = 0) -> list[str]:
     exe, prefixes = _interpreter()
+    root = os.geteuid() == 0
     cmd = [bwrap_path() or "bwrap", "--die-with-parent", "--new-session", "--as-pid-1",
            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-           "--cap-drop", "ALL", "--clearenv",
+           "--cap-add", WORKER_CAPS, "--clearenv",
            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", "/tmp"]
-    if os.geteuid() != 0:
-        cmd.append("--unshare-user")
+    if not root:  # bubblewrap maps the caller's uid to 0 of a new user namespace
+        cmd += ["--unshare-user", "--uid", "0", "--gid", "0"]
     mounted = ["/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
@@ -100,36 +132,51 @@ def bwrap_command(limits: Limits) -> list[str]:
             cmd += ["--ro-bind", top, top]
             mounted.append(top)
     cmd += ["--ro-bind", "/usr", "/usr"]
+    made: set[str] = set()
+
+    def parents(path: str) -> list[str]:  # searchable by everyone inside (bwrap copies a 0700 /root)
+        out = []
+        for parent in reversed(Path(path).parents[:-1]):
+            if str(parent) not in made:
+                made.add(str(parent))
+                out += ["--perms", "0755", "--dir", str(parent)]
+        return out
+
     for prefix in prefixes:
         if not any(prefix == m or prefix.startswith(m + "/") for m in mounted):
-            cmd += ["--ro-bind", prefix, prefix]
+            cmd += parents(prefix) + ["--ro-bind", prefix, prefix]
             mounted.append(prefix)
-    cmd += ["--dev", "/dev", "--proc", "/proc", "--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp",
-            "--chdir", "/tmp", "--", exe, "-I", "-S", "-c", WORKER_SOURCE.read_text(), "/tmp"]
+    for source in (WORKER_SOURCE, JUDGE_SOURCE):
+        cmd += parents(f"{INSIDE}/{source.name}") + ["--ro-bind", str(source), f"{INSIDE}/{source.name}"]
+    cmd += ["--dev", "/dev", "--proc", "/proc", "--dir", "/tmp", "--chdir", "/",
+            "--", exe, "-I", "-S", f"{INSIDE}/{WORKER_SOURCE.name}", "serve", "confined",
+            "ids" if root else "noids", "/tmp"]
+    if root:  # enter a user namespace mapped onto unprivileged host uids first (sandbox_worker.launch)
+        cmd = [exe, "-I", "-S", str(WORKER_SOURCE), "launch", str(uid_base(index))] + cmd
     return cmd
 
 
-def direct_command() -> list[str]:
+def direct_command(root: str) -> list[str]:
     exe, _ = _interpreter()
-    return [exe, "-I", "-S", "-c", WORKER_SOURCE.read_text()]
+    return [exe, "-I", "-S", str(WORKER_SOURCE), "serve", "direct", "noids", root]
 
 
 class _Worker:
     """One worker process and its pipes; restarted when a program kills or wedges it."""
 
-    def __init__(self, limits: Limits, sandboxed: bool):
-        self.limits, self.sandboxed = limits, sandboxed
+    def __init__(self, limits: Limits, sandboxed: bool, index: int = 0):
+        self.limits, self.sandboxed, self.index = limits, sandboxed, index
         self.proc: Optional[subprocess.Popen] = None
         self.tmp: Optional[str] = None
 
     def start(self) -> None:
         if self.sandboxed:
-            cmd = bwrap_command(self.limits)
+            cmd = bwrap_command(self.limits, self.index)
         else:
             import tempfile
 
             self.tmp = tempfile.mkdtemp(prefix="hmst-bench-unsandboxed-")
-            cmd = direct_command() + [self.tmp]
+            cmd = direct_command(self.tmp)
         env = {} if self.sandboxed else {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": self.tmp or "/tmp"}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, cwd=self.tmp or "/", start_new_session=True)
@@ -155,10 +202,11 @@ class _Worker:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
 
-    def run(self, job_id: int, program: str) -> Result:
+    def run(self, job_id: int, program: Program) -> Result:
         if self.proc is None:
             self.start()
-        job = {"id": job_id, "program": program, "timeout": self.limits.timeout, "limits": self.limits.worker()}
+        job = {"id": job_id, "candidate": program.candidate, "setup": program.setup, "test": program.test,
+               "rebind": list(program.rebind), "timeout": self.limits.timeout, "limits": self.limits.worker()}
         reply = None
         try:
             self.proc.stdin.write(json.dumps(job).encode() + b"\n")
@@ -221,7 +269,7 @@ class SandboxPool:
         n = workers or min(os.cpu_count() or 1, 8)
         if n < 1:
             raise SandboxError(f"--workers must be at least 1, got {workers}")
-        self._workers = [_Worker(limits, self.sandboxed) for _ in range(n)]
+        self._workers = [_Worker(limits, self.sandboxed, k) for k in range(n)]
         self._ids = itertools.count(1)
         self._jobs: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -249,8 +297,9 @@ class SandboxPool:
         finally:
             worker.stop()
 
-    def run(self, programs: Sequence[str]) -> list[Result]:
-        """Run every program; results in input order."""
+    def run(self, programs: Sequence[Union[Program, str]]) -> list[Result]:
+        """Run every job (a `Program`, or a self-checking program's text); results in input order."""
+        programs = [p if isinstance(p, Program) else Program(candidate=p) for p in programs]
         if not self._threads:
             self._threads = [threading.Thread(target=self._serve, args=(w,), daemon=True, name=f"sandbox-{k}")
                              for k, w in enumerate(self._workers)]
@@ -274,7 +323,7 @@ class SandboxPool:
             worker.stop()
 
 
-def run_programs(programs: Iterable[str], workers: int = 0, limits: Limits = Limits(),
+def run_programs(programs: Iterable[Union[Program, str]], workers: int = 0, limits: Limits = Limits(),
                  allow_unsandboxed: bool = False) -> list[Result]:
     with SandboxPool(workers, limits, allow_unsandboxed) as pool:
         return pool.run(list(programs))
