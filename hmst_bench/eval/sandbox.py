@@ -42,7 +42,7 @@ WORKER_SOURCE = HERE / "sandbox_worker.py"
 JUDGE_SOURCE = HERE / "sandbox_judge.py"
 INSIDE = "/sandbox"  # where the two files appear inside the sandbox (read-only)
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install -y bubblewrap) or pass --allow-unsandboxed"
-WORKER_CAPS = "CAP_SETUID,CAP_SETGID,CAP_SYS_ADMIN,CAP_KILL"  # inside the worker's own user namespace only
+WORKER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SYS_ADMIN", "CAP_KILL")  # in the worker's own user namespace only
 
 
 class SandboxError(RuntimeError):
@@ -68,7 +68,8 @@ class Limits:
     timeout: float = 10.0               # wall-clock seconds per program
     memory_bytes: int = 1 << 30         # RLIMIT_AS
     cpu_seconds: Optional[int] = None   # RLIMIT_CPU; default: the timeout rounded up
-    processes: int = 1                  # RLIMIT_NPROC (seccomp refuses new processes anyway)
+    processes: int = 16                 # RLIMIT_NPROC of the program's own uid: bounds its threads
+                                        # (seccomp refuses new processes anyway)
     file_bytes: int = 16 << 20          # RLIMIT_FSIZE
     open_files: int = 64                # RLIMIT_NOFILE
     output_bytes: int = 16 << 10        # captured stdout and stderr, each
@@ -120,7 +121,7 @@ def bwrap_command(limits: Limits, index: int = 0) -> list[str]:
     root = os.geteuid() == 0
     cmd = [bwrap_path() or "bwrap", "--die-with-parent", "--new-session", "--as-pid-1",
            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-           "--cap-add", WORKER_CAPS, "--clearenv",
+           "--cap-drop", "ALL", *[arg for cap in WORKER_CAPS for arg in ("--cap-add", cap)], "--clearenv",
            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", "/tmp"]
     if not root:  # bubblewrap maps the caller's uid to 0 of a new user namespace
         cmd += ["--unshare-user", "--uid", "0", "--gid", "0"]

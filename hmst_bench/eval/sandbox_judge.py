@@ -55,7 +55,10 @@ class Channel:
         (size,) = _HEADER.unpack(self._exactly(_HEADER.size))
         if size > MAX_MESSAGE:
             raise CandidateError(f"the candidate sent a message of {size} bytes (limit {MAX_MESSAGE})")
-        return json.loads(self._exactly(size))
+        try:
+            return json.loads(self._exactly(size))
+        except (ValueError, RecursionError):
+            raise CandidateError("malformed message from the candidate") from None
 
     def _exactly(self, n):
         chunks, left = [], n

@@ -177,7 +177,8 @@ def candidate_child(job, sock_fd, out_fd, err_fd, confine):
         if confine:
             _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
             _mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
-            private = f"uid={PROGRAM_ID},gid={PROGRAM_ID},mode=0700".encode()
+            owner = PROGRAM_ID if job["ids"] else 0
+            private = f"uid={owner},gid={owner},mode=0700".encode()
             flags = MS_NOSUID | MS_NODEV
             _mount(b"tmpfs", b"/tmp", b"tmpfs", flags, b"size=%d," % limits["tmp_bytes"] + private)
             _mount(b"tmpfs", b"/dev/shm", b"tmpfs", flags, b"size=%d," % limits["shm_bytes"] + private)
@@ -185,9 +186,9 @@ def candidate_child(job, sock_fd, out_fd, err_fd, confine):
             workdir = "/tmp"
         else:
             workdir = job["workdir"]
-        os.chdir(workdir)
-        os.environ["TMPDIR"] = workdir
         drop_privileges(PROGRAM_ID if job["ids"] else None)
+        os.chdir(workdir)  # after the drop: /tmp belongs to the program's uid, mode 0700
+        os.environ["TMPDIR"] = workdir
         apply_limits(limits)
         install_seccomp()
         from sandbox_judge import serve_candidate
@@ -231,6 +232,8 @@ def zygote(channel, confine):
                     os.close(write_end)
                     candidate_child(job, sock_fd, out_fd, err_fd, confine)
                 os.write(write_end, str(pid).encode())
+            except BaseException as exc:  # shown as the job's stderr
+                os.write(err_fd, f"hmst-bench sandbox: could not start the program: {exc!r}\n".encode())
             finally:
                 os._exit(0)
         for fd in (write_end, sock_fd, out_fd, err_fd):
