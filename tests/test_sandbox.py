@@ -409,6 +409,15 @@ def test_what_counts_as_passing():
     assert outcome["judged: a missing entry point"].result == "failed: NameError: the program does not define add"
 
 
+@needs_bwrap
+def test_a_sandbox_that_cannot_confine_stops_instead_of_failing_every_program():
+    # a tmpfs of -1 bytes cannot be mounted: that is the sandbox's fault, and must not read as a
+    # program failing (a pass@k of 0 that means nothing)
+    with pytest.raises(SandboxError, match="could not confine the program.*user namespaces"):
+        with SandboxPool(workers=1, limits=Limits(timeout=5, tmp_bytes=-1)) as pool:
+            pool.run(["assert True\n"])
+
+
 def test_refuses_without_bubblewrap_unless_allowed(monkeypatch):
     monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
     with pytest.raises(SandboxError, match="apt-get install -y bubblewrap.*--allow-unsandboxed"):

@@ -218,6 +218,9 @@ class _Worker:
         if reply is None or reply.get("id") != job_id:
             self.stop()  # killed or wedged by the program: a fresh worker for the next one
             return Result(False, "failed: the program brought down its sandbox worker", self.sandboxed)
+        if reply.get("error"):  # the sandbox itself failed: no program result can be trusted
+            raise SandboxError(f"{reply.get('result')}; check that bubblewrap can create user namespaces here "
+                               f"(sysctl user.max_user_namespaces), or {INSTALL_HINT}")
         fields = {k: reply.get(k) for k in ("exit_code", "timed_out", "seconds", "stdout", "stderr", "truncated")}
         return Result(bool(reply.get("passed")), str(reply.get("result")), self.sandboxed,
                       **{k: v for k, v in fields.items() if v is not None})

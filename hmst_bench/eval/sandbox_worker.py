@@ -168,12 +168,14 @@ def _mount(source, target, fstype, flags, options):
 
 # --- the candidate -------------------------------------------------------------------------------
 
-def candidate_child(job, sock_fd, out_fd, err_fd, confine):
-    """PID 1 of a fresh PID namespace (when confined): private /tmp, /dev/shm, /proc; then the program."""
+def candidate_child(job, sock_fd, out_fd, err_fd, setup_fd, confine):
+    """PID 1 of a fresh PID namespace (when confined): private /tmp, /dev/shm, /proc; then the program.
+    "ok" on `setup_fd`, closed before the program runs, tells the zygote the confinement is in place;
+    anything else there is a fault of the sandbox, never of the program."""
     try:
         os.setsid()
         limits = job["limits"]
-        _redirect(out_fd, err_fd, {sock_fd})
+        _redirect(out_fd, err_fd, {sock_fd, setup_fd})
         if confine:
             _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
             _mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
@@ -192,7 +194,12 @@ def candidate_child(job, sock_fd, out_fd, err_fd, confine):
         apply_limits(limits)
         install_seccomp()
         from sandbox_judge import serve_candidate
-
+    except BaseException as exc:
+        os.write(setup_fd, f"could not confine the program: {exc!r}".encode()[:4000])
+        os._exit(1)
+    os.write(setup_fd, b"ok")
+    os.close(setup_fd)
+    try:
         serve_candidate(socket.socket(fileno=sock_fd), job["candidate"])
         sys.stdout.flush()
         sys.stderr.flush()
@@ -220,9 +227,11 @@ def zygote(channel, confine):
         job = json.loads(data)
         sock_fd, out_fd, err_fd = fds
         read_end, write_end = os.pipe()
+        setup_r, setup_w = os.pipe()
         middle = os.fork()
         if middle == 0:  # the intermediate: new PID namespace for its one child, then gone
             os.close(read_end)
+            os.close(setup_r)
             channel.close()
             try:
                 if confine:
@@ -230,22 +239,33 @@ def zygote(channel, confine):
                 pid = os.fork()
                 if pid == 0:
                     os.close(write_end)
-                    candidate_child(job, sock_fd, out_fd, err_fd, confine)
+                    candidate_child(job, sock_fd, out_fd, err_fd, setup_w, confine)
                 os.write(write_end, str(pid).encode())
-            except BaseException as exc:  # shown as the job's stderr
-                os.write(err_fd, f"hmst-bench sandbox: could not start the program: {exc!r}\n".encode())
+            except BaseException as exc:
+                os.write(setup_w, f"could not start the program: {exc!r}".encode()[:4000])
             finally:
                 os._exit(0)
-        for fd in (write_end, sock_fd, out_fd, err_fd):
+        for fd in (write_end, setup_w, sock_fd, out_fd, err_fd):
             os.close(fd)
         os.waitpid(middle, 0)
         text = os.read(read_end, 32)
         os.close(read_end)
+        setup = _read_all(setup_r)  # "ok", or why the confinement failed; EOF once set up or gone
         pid = int(text) if text else -1
-        channel.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        channel.sendall(json.dumps({"pid": pid, "setup": setup.decode("utf-8", "replace")}).encode() + b"\n")
         _await_end(channel)
         status = _finish(pid)
         channel.sendall(json.dumps(status).encode() + b"\n")
+
+
+def _read_all(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            os.close(fd)
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _await_end(channel):
@@ -328,7 +348,15 @@ class Worker:
         message = {"candidate": job["candidate"], "limits": limits, "ids": self.ids, "workdir": workdir}
         socket.send_fds(self.zygote, [json.dumps(message).encode()], [cand_sock.fileno(), out_fd, err_fd])
         cand_sock.close()
-        self.replies.readline()  # {"pid": ...}: the candidate is running
+        started_reply = json.loads(self.replies.readline())  # {"pid", "setup"}: the candidate runs
+        if started_reply.get("setup") != "ok":  # a fault of the sandbox: the host stops the evaluation
+            self.zygote.sendall(b"end\n")
+            self.replies.readline()
+            for fd in (out_fd, err_fd, judge_err):
+                os.close(fd)
+            judge_sock.close()
+            return {"id": job["id"], "passed": False, "error": True,
+                    "result": f"sandbox error: {started_reply.get('setup') or 'the program did not start'}"}
         read_end, write_end = os.pipe()
         judge = os.fork()
         if judge == 0:
@@ -387,7 +415,7 @@ def _reply(job_id, verdict, judge_status, candidate, timed_out, seconds, stdout,
         result = "failed: " + (decided.get("message") or "the test failed")
     else:
         tail = judge_text.strip().splitlines()
-        result = "sandbox error: the judge " + (tail[-1] if tail else f"exited with {judge_status}")
+        result = "failed: the judge ended without a verdict (" + (tail[-1] if tail else f"status {judge_status}") + ")"
     return {"id": job_id, "passed": passed, "result": result,
             "exit_code": code if candidate.get("ended_before") else None, "timed_out": timed_out,
             "seconds": round(seconds, 4), "cpu_seconds": candidate.get("cpu_seconds"),
