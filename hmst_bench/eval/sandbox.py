@@ -29,10 +29,12 @@ import itertools
 import json
 import os
 import queue
+import select
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -113,7 +115,7 @@ def _interpreter() -> tuple[str, list[str]]:
 def uid_base(index: int) -> int:
     """Host uids base..base+2 for worker `index` of this process: far above any real account's,
     distinct per worker and (almost surely) per concurrent hmst-bench process."""
-    return 1_500_000_000 + (os.getpid() % 100_000) * 32 + index * 4
+    return 1_500_000_000 + (os.getpid() % 100_000) * 64 + (index % 16) * 4
 
 
 def bwrap_command(limits: Limits, index: int = 0) -> list[str]:
@@ -169,6 +171,7 @@ class _Worker:
         self.limits, self.sandboxed, self.index = limits, sandboxed, index
         self.proc: Optional[subprocess.Popen] = None
         self.tmp: Optional[str] = None
+        self._pending = b""  # bytes read from the worker past the last full line
 
     def start(self) -> None:
         if self.sandboxed:
@@ -181,8 +184,8 @@ class _Worker:
         env = {} if self.sandboxed else {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": self.tmp or "/tmp"}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, cwd=self.tmp or "/", start_new_session=True)
-        line = self.proc.stdout.readline()
-        if not line.startswith(b'{"ready"'):
+        self._pending = b""
+        if (self._read_reply(60) or {}).get("ready") is not True:
             err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
             self.stop()
             raise SandboxError(f"the sandbox did not start ({err[-1] if err else 'no output'}); "
@@ -226,14 +229,21 @@ class _Worker:
                       **{k: v for k, v in fields.items() if v is not None})
 
     def _read_reply(self, timeout: float) -> Optional[dict]:
-        box: list = []
-        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not box or not box[0]:
-            return None
+        """The worker's next line as JSON, or None after `timeout` seconds or at its end (select on
+        the raw pipe: no thread per reply)."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
         try:
-            return json.loads(box[0])
+            return json.loads(line)
         except ValueError:
             return None
 

@@ -348,22 +348,23 @@ class Worker:
         message = {"candidate": job["candidate"], "limits": limits, "ids": self.ids, "workdir": workdir}
         socket.send_fds(self.zygote, [json.dumps(message).encode()], [cand_sock.fileno(), out_fd, err_fd])
         cand_sock.close()
-        started_reply = json.loads(self.replies.readline())  # {"pid", "setup"}: the candidate runs
-        if started_reply.get("setup") != "ok":  # a fault of the sandbox: the host stops the evaluation
-            self.zygote.sendall(b"end\n")
-            self.replies.readline()
-            for fd in (out_fd, err_fd, judge_err):
-                os.close(fd)
-            judge_sock.close()
-            return {"id": job["id"], "passed": False, "error": True,
-                    "result": f"sandbox error: {started_reply.get('setup') or 'the program did not start'}"}
         read_end, write_end = os.pipe()
-        judge = os.fork()
+        judge = os.fork()  # while the zygote sets the candidate up
         if judge == 0:
             os.close(read_end)
             judge_child(job, judge_sock.fileno(), write_end, judge_err)
         os.close(write_end)
         judge_sock.close()
+        started_reply = json.loads(self.replies.readline())  # {"pid", "setup"}: the candidate runs
+        if started_reply.get("setup") != "ok":  # a fault of the sandbox: the host stops the evaluation
+            os.kill(judge, signal.SIGKILL)
+            os.waitpid(judge, 0)
+            self.zygote.sendall(b"end\n")
+            self.replies.readline()
+            for fd in (out_fd, err_fd, judge_err, read_end):
+                os.close(fd)
+            return {"id": job["id"], "passed": False, "error": True,
+                    "result": f"sandbox error: {started_reply.get('setup') or 'the program did not start'}"}
         timed_out = not _wait(judge, float(job["timeout"]) - (time.monotonic() - started))
         if timed_out:
             os.kill(judge, signal.SIGKILL)
