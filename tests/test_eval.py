@@ -163,6 +163,7 @@ def _fails(*args, match: str, env: dict):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert match in lines[0], lines[0]
+    return lines[0]
 
 
 def test_bad_input_is_one_line(evaluated, home, tmp_path):
@@ -177,6 +178,32 @@ def test_bad_input_is_one_line(evaluated, home, tmp_path):
     _fails("eval", "--run", str(no_weights), "--suite", "truthfulqa", match="never reached its first checkpoint", env=env)
     empty = {"HMST_BENCH_HOME": str(tmp_path / "empty-home")}
     _fails("eval", "--run", str(run), "--suite", "gsm8k", match="run `hmst-bench data import gsm8k PATH`", env=empty)
+
+
+def test_broken_run_directory_is_one_line(evaluated, home, tmp_path):
+    """A cut model.safetensors, and a run.json that is not an object or lacks `config`: one line
+    naming the file and the fix, never a traceback, and nothing written into the run."""
+    run = evaluated[0]
+    env = {"HMST_BENCH_HOME": str(home)}
+    weights = (run / "model.safetensors").read_bytes()
+    cases = {
+        "half-weights": ("model.safetensors", weights[: len(weights) // 2], "model.safetensors is truncated or corrupt"),
+        "header-only": ("model.safetensors", weights[:100], "model.safetensors is truncated or corrupt"),
+        "empty-weights": ("model.safetensors", b"", "model.safetensors is truncated or corrupt"),
+        "list-record": ("run.json", b"[]\n", "run.json holds a JSON list, not a run's record"),
+    }
+    info = json.loads((run / "run.json").read_text())
+    cases["no-config"] = ("run.json", json.dumps({k: v for k, v in info.items() if k != "config"}).encode(),
+                          "run.json lacks 'config'")
+    cases["string-config"] = ("run.json", json.dumps({**info, "config": "tiny"}).encode(),
+                              "run.json has a malformed 'config'")
+    for name, (file, data, message) in cases.items():
+        broken = tmp_path / name
+        shutil.copytree(run, broken, ignore=shutil.ignore_patterns("eval"))
+        (broken / file).write_bytes(data)
+        line = _fails("eval", "--run", str(broken), "--suite", "truthfulqa_mc1", "--limit", "1", match=message, env=env)
+        assert str(broken / file) in line and "train the run again" in line, line
+        assert not (broken / "eval").exists(), name
 
 
 def test_lm_eval_cli_passthrough(evaluated, home):
