@@ -501,6 +501,12 @@ def _print_eval_table(record: dict, path: Path) -> None:
     req = prov["requests"]
     err.print(f"{req['total']:,} requests, {req['from_cache']:,} from the cache, {prov['seconds']:.1f} s; wrote {path}",
               highlight=False, soft_wrap=True)
+    cut = req.get("truncated") or {}
+    if any(cut.values()):
+        what = {"context": "contexts cut on the left", "prompt": "generation prompts cut on the left",
+                "continuation": f"continuations longer than the window, scored on their last {prov['context']} tokens"}
+        err.print(f"[yellow]note[/]: {prov['context']}-token window: "
+                  + "; ".join(f"{n:,} {what[k]}" for k, n in cut.items() if n), highlight=False, soft_wrap=True)
 
 
 def _read_samples(path: Path) -> list[dict]:

@@ -206,6 +206,32 @@ def test_broken_run_directory_is_one_line(evaluated, home, tmp_path):
         assert not (broken / "eval").exists(), name
 
 
+def test_short_window_scores_what_fits_and_counts_it(home, tmp_path):
+    """A run trained with --seq-len 32 on TruthfulQA, whose answers outgrow the window: evaluated
+    (exit 0, no traceback), with the cut requests counted in the provenance and under the table,
+    the same when served from the cache."""
+    env = {"HMST_BENCH_HOME": str(home)}
+    run = tmp_path / "run32"
+    run_cli("train", "--arch", "dense-llama", "--size", "micro", "--budget", "2e10", "--seq-len", "32",
+            "--corpus", "synthetic-facts", "--out", str(run), env=env)
+    counts = []
+    for _ in range(2):
+        proc = run_cli("eval", "--run", str(run), "--suite", "truthfulqa_mc1", "--limit", "4", "--json", env=env)
+        assert "Traceback" not in proc.stderr
+        summary, = json.loads(proc.stdout)
+        req = summary["provenance"]["requests"]
+        record = json.loads((run / "eval" / "truthfulqa_mc1.json").read_text())
+        assert record["provenance"]["requests"] == req and record["provenance"]["window"] == 32
+        cut = req["truncated"]
+        assert cut["continuation"] > 0 and cut["context"] > 0 and cut["prompt"] == 0
+        assert cut["continuation"] + cut["context"] <= req["total"]
+        assert (f"note: 32-token window: {cut['context']:,} contexts cut on the left; {cut['continuation']:,} "
+                "continuations longer than the window, scored on their last 32 tokens") in proc.stderr
+        assert all(isinstance(r["value"], float) for r in summary["metrics"])
+        counts.append((cut, req["from_cache"]))
+    assert counts[0][0] == counts[1][0] and counts[0][1] == 0 and counts[1][1] == req["total"]
+
+
 def test_lm_eval_cli_passthrough(evaluated, home):
     run = evaluated[0]
     proc = run_cli("lm-eval", "--model", "hmst-bench", "--model_args", f"run={run}", "--tasks", "truthfulqa_mc1",

@@ -179,6 +179,11 @@ def evaluate(
         per_doc = {(task, s["doc_id"]): sum(len(r) if isinstance(r, list) else 1 for r in s["resps"])
                    for task, rows in out["samples"].items() for s in rows}
         requests = sum(per_doc.values())
+        # requests the model's window cut short (HFLM's left truncation, and continuations or
+        # prompts longer than fits), counted from the logged requests so cached answers count too
+        firsts = {(task, s["doc_id"]): s for task, rows in out["samples"].items() for s in reversed(rows)}
+        truncated = lm.window_cuts(tuple(a) for s in firsts.values() for a in s.get("arguments") or ()
+                                   if isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str))
         record = {
             "suite": suite.name,
             "tasks": list(suite.tasks),
@@ -218,7 +223,7 @@ def evaluate(
                 "window": lm.max_length,  # the model's attention window
                 "context": lm.max_context,  # tokens of context it reads (more than the window through a memory)
                 "requests": {"total": requests, "computed": sum(computed.values()),
-                             "from_cache": max(requests - sum(computed.values()), 0)},
+                             "from_cache": max(requests - sum(computed.values()), 0), "truncated": truncated},
                 "seconds": round(time.time() - started, 2),
                 **({"code_execution": sandbox} if sandbox else {}),
             },
