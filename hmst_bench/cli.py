@@ -434,6 +434,8 @@ def data_list(as_json: bool) -> None:
 @click.option("--seed", type=int, help="Set lm-eval's four seeds to N [default: lm-eval's 0, 1234, 1234, 1234].")
 @click.option("--device", help="cpu, cuda, cuda:1, ... [default: cuda when available].")
 @click.option("--no-cache", is_flag=True, help="Ignore and do not fill RUN/eval/cache.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Write the result files, figures and request cache to this folder instead of RUN/eval.")
 @click.option("--samples", type=int, help="Code suites: completions per problem [default: 1, greedy].")
 @click.option("--temperature", type=float, help="Code suites: sampling temperature [default: 0 (greedy); 0.8 with --samples > 1].")
 @click.option("--top-p", type=float, help="Code suites: nucleus sampling [default: 0.95 with the default temperature].")
@@ -444,12 +446,14 @@ def data_list(as_json: bool) -> None:
 @click.option("--workers", type=click.IntRange(min=1), help="Code suites: sandboxed programs at once [default: CPU cores, at most 8].")
 @click.option("--allow-unsandboxed", is_flag=True, help="Code suites: without bubblewrap, run with rlimits and seccomp only (recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics and provenance as JSON to stdout.")
-def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_cache, samples, temperature, top_p, ks,
-             max_gen_toks, timeout, workers, allow_unsandboxed, as_json) -> None:
+def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_cache, out_dir, samples, temperature,
+             top_p, ks, max_gen_toks, timeout, workers, allow_unsandboxed, as_json) -> None:
     """Evaluate a run on standard suites through lm-evaluation-harness; writes RUN/eval/<suite>.json.
 
     Benchmark data comes from the local store (`hmst-bench data import NAME PATH`); answers are
-    cached per run and weights, so an interrupted evaluation resumes and a repeated one is instant."""
+    cached per run and weights, so an interrupted evaluation resumes and a repeated one is instant.
+    A run you cannot write is evaluated without the cache and its results shown, not saved
+    (unless --out DIR)."""
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-stage bars; we show our own status
@@ -464,11 +468,14 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
     names = [n.strip() for n in suites.split(",") if n.strip()]
     done = []
 
-    def report(record: dict) -> None:
-        path = run_dir / "eval" / f"{record['suite']}.json"
+    def report(record: dict, path: Path | None) -> None:
         _print_eval_table(record, path)
-        done.append({"suite": record["suite"], "file": str(path), "metrics": summary_rows(record),
+        done.append({"suite": record["suite"], "file": path and str(path), "metrics": summary_rows(record),
                      "provenance": record["provenance"]})
+
+    def notice(output) -> None:  # before any work: what cannot be written, and the way around it
+        hint = "" if output.save or out_dir is not None else "; --out DIR saves them elsewhere"
+        err.print(f"[yellow]warning[/]: {output.message}{hint}", highlight=False, soft_wrap=True)
 
     try:
         code = CodeOptions(samples=samples, temperature=temperature, top_p=top_p, ks=parse_ks(ks) if ks else None,
@@ -476,14 +483,17 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
         chosen = resolve_suites(names, _registry().suites())
         with err.status(f"evaluating {', '.join(s.name for s in chosen)} on {run_dir}", spinner="dots"):
             evaluate(run_dir, chosen, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
-                     device=device, use_cache=not no_cache, on_suite=report, progress=False, code=code)
+                     device=device, use_cache=not no_cache, on_suite=report, progress=False, code=code,
+                     out_dir=out_dir, notice=notice)
     except (EvalError, StoreError, RunError, CodeEvalError) as exc:
+        if as_json and done:  # the suites finished before the failure are still reported
+            _emit_json(done)
         raise click.ClickException(str(exc)) from None
     if as_json:
         _emit_json(done)
 
 
-def _print_eval_table(record: dict, path: Path) -> None:
+def _print_eval_table(record: dict, path: Path | None) -> None:
     from rich.table import Table
 
     from hmst_bench.eval.runner import summary_rows
@@ -499,8 +509,8 @@ def _print_eval_table(record: dict, path: Path) -> None:
                       "-" if row["stderr"] is None else f"{row['stderr']:.4f}")
     err.print(table)
     req = prov["requests"]
-    err.print(f"{req['total']:,} requests, {req['from_cache']:,} from the cache, {prov['seconds']:.1f} s; wrote {path}",
-              highlight=False, soft_wrap=True)
+    err.print(f"{req['total']:,} requests, {req['from_cache']:,} from the cache, {prov['seconds']:.1f} s; "
+              + (f"wrote {path}" if path else "not saved"), highlight=False, soft_wrap=True)
     cut = req.get("truncated") or {}
     if any(cut.values()):
         what = {"context": "contexts cut on the left", "prompt": "generation prompts cut on the left",
