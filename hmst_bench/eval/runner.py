@@ -195,16 +195,17 @@ def evaluate(
     code = code or CodeOptions()
     code.check(suites)
     manifests = check_data(suites)
+    fingerprint = model_fingerprint(run_dir)
+    run = load_run(run_dir)
+    if model_fingerprint(run_dir) != fingerprint:  # a training job checkpointed meanwhile
+        raise EvalError(f"{run_dir} changed while it was loading (is it still training?); evaluate it again")
+    # tried after the run proved loadable (the try makes RUN/eval), before any request is answered
     output = plan_output(run_dir, out_dir, use_cache)
     if output.message:
         if notice is not None:
             notice(output)
         else:
             warnings.warn(output.message, EvalWarning, stacklevel=2)
-    fingerprint = model_fingerprint(run_dir)
-    run = load_run(run_dir)
-    if model_fingerprint(run_dir) != fingerprint:  # a training job checkpointed meanwhile
-        raise EvalError(f"{run_dir} changed while it was loading (is it still training?); evaluate it again")
     lm = HmstBenchLM(run=run, device=device, batch_size=batch_size, progress=progress)
     # lm-eval keys each answer by the request; the file name adds what else decides the answer:
     # the model's files, the code that computes it, device, window and default generation length
