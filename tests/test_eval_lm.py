@@ -123,6 +123,10 @@ def test_window_cuts_count_what_lm_eval_encodes(dense_run):
                 "prompt": sum(len(lm.tok_encode(ctx)) > lm._prompt_room(kw.get("max_gen_toks", 256)) for ctx, kw in gen_args)}
     assert lm.window_cuts(ll_args + gen_args) == expected
     assert expected["continuation"] >= 2 and expected["context"] >= 1 and expected["prompt"] == 2
+    # once scored here, the requests are looked up instead of tokenised again: the same counts
+    lm.loglikelihood(requests("loglikelihood", ll_args), disable_tqdm=True)
+    assert set(lm._cut) == set(ll_args)
+    assert lm.window_cuts(ll_args + gen_args) == expected
 
 
 def test_rolling_equals_hflm(ours, hflm):

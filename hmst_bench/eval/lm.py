@@ -102,6 +102,9 @@ class HmstBenchLM(TemplateLM):
         self._ragged_next = "lengths" in inspect.signature(self.model.next_token_logprobs).parameters
         # requests this process actually computed (the rest came from lm-eval's cache)
         self.computed = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}
+        # (context, continuation) -> how the window cut it ("context", "continuation" or None),
+        # for the loglikelihood requests scored here: window_cuts then tokenises only the rest
+        self._cut: dict[tuple[str, str], Optional[str]] = {}
 
     # ------------------------------------------------------------------ tokens
 
@@ -145,6 +148,10 @@ class HmstBenchLM(TemplateLM):
             # `max_context` tokens (the only ones with a preceding token in the window), as
             # what fits; `window_cuts` counts these for the result file
             cut += len(continuation) > self.max_context
+            if requests[i][0] is not None:
+                self._cut[tuple(requests[i][0])] = ("continuation" if len(continuation) > self.max_context else
+                                                    "context" if len(context) + len(continuation) > self.max_context + 1
+                                                    else None)
             scored = min(len(continuation), self.max_context)
             whole = (list(context) + list(continuation))[-(self.max_context + 1) :]
             key = (tuple(whole[:-1]), tuple(whole[-scored:]))
@@ -254,13 +261,17 @@ class HmstBenchLM(TemplateLM):
         loglikelihood pairs whose context lost tokens on the left (`context`, as HFLM cuts) or
         whose continuation alone was longer and was scored on its last tokens only
         (`continuation`), and generation prompts cut from the left to leave room for the answer
-        (`prompt`). Computed from the request texts, so answers from the cache are counted too;
-        the tokens are lm-eval's (`loglikelihood`'s encoding, batched here)."""
+        (`prompt`). Requests scored by this adapter are looked up; the others (answers from the
+        cache) are tokenised as lm-eval's `loglikelihood` does, batched here."""
         cuts = {"context": 0, "continuation": 0, "prompt": 0}
         pairs: Counter = Counter()
         for args in requests:
             context, second = args
-            if isinstance(second, str):
+            if isinstance(second, str) and (context, second) in self._cut:
+                kind = self._cut[(context, second)]
+                if kind:
+                    cuts[kind] += 1
+            elif isinstance(second, str):
                 pairs[(context, second)] += 1
             else:
                 kwargs = normalize_gen_kwargs(dict(second), self.max_gen_toks)
