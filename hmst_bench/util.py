@@ -98,3 +98,20 @@ def atomic_dir(path: os.PathLike | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def unwritable(folder: os.PathLike | str) -> str | None:
+    """Why files cannot be created in `folder` (made if missing), or None when they can.
+
+    Commands that compute for minutes check this before starting, so nothing is computed and
+    then lost. It is tried for real with a temp file, since permission bits do not bind root
+    while a read-only mount, a full disk or a file in the folder's place do."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

@@ -56,3 +56,27 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"hmst-bench {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def run_cli_read_only(folders: list[Path], *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `hmst-bench ARGS` with `folders` read-only even to root: chmod binds no one here (the
+    tests run as root), so each folder is bound read-only over itself in a bubblewrap mount
+    namespace. Skips where bubblewrap is missing or cannot mount; fails if the folders stay writable."""
+    import shutil
+
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        pytest.skip("needs bubblewrap (apt-get install -y bubblewrap) for a read-only mount that binds root")
+    prefix = [bwrap, "--dev-bind", "/", "/"]  # devices too: the code sandbox nests its own bwrap inside
+    for folder in folders:
+        prefix += ["--ro-bind", str(folder), str(folder)]
+    started = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.skip(f"bubblewrap cannot make a mount namespace here: {started.stderr.strip()}")
+    for folder in folders:  # the condition under test must really hold
+        probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(folder / '.write-probe')!r}, 'w')"],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and "Read-only file system" in probe.stderr, probe.stderr
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*prefix, sys.executable, "-m", "hmst_bench.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)

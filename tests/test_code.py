@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SHARED_DATA, run_cli, store_home
+from conftest import SHARED_DATA, run_cli, run_cli_read_only, store_home
 from hmst_bench.eval import sandbox
 from hmst_bench.eval.code import CodeEvalError, completion_of, job, parse_ks, pass_at_k, pass_at_k_table, program
 
@@ -153,6 +153,90 @@ def test_score_code_bad_input_is_one_line(code_home, tmp_path):
     assert "does not exist" in proc.stderr
     proc = run_cli("score-code", "--suite", "humaneval", "--k", "0", "--reference", env=env, check=False)
     assert "--k takes positive integers" in proc.stderr
+
+
+def test_score_code_truncated_gz_is_one_line(tmp_path):
+    """A cut .gz ended in click's bare "Aborted!" (an EOFError); now one line naming the file."""
+    import gzip
+
+    rows = "".join(json.dumps({"task_id": f"HumanEval/{i}", "completion": "    return 1\n"}) + "\n" for i in range(50))
+    whole = gzip.compress(rows.encode())
+    for name, data in (("cut.jsonl.gz", whole[: len(whole) // 2]), ("garbled.jsonl.gz", whole[:20] + b"\0" * 40)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        proc = run_cli("score-code", "--suite", "humaneval", str(path), check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith(f"Error: {path} is ") and ("truncated or corrupt" in lines[0] or "not JSON lines" in lines[0])
+        assert "Aborted" not in proc.stderr and not Path(str(path) + "_results.jsonl").exists()
+
+
+@needs_data
+@needs_bwrap
+def test_score_code_beside_a_read_only_folder(code_home, tmp_path):
+    """Results that cannot be written beside SAMPLES are refused before any program runs (one line
+    naming --out); --out writes them elsewhere. The folder is a read-only mount, which binds root."""
+    env = {"HMST_BENCH_HOME": str(code_home)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HMST_BENCH_HOME", str(code_home))
+        from hmst_bench.eval import store
+
+        first = store.rows("humaneval", "openai_humaneval", "test")[0]
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    samples = shelf / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": first["task_id"], "completion": first["canonical_solution"]}) + "\n"
+                       + json.dumps({"task_id": first["task_id"], "completion": "    return None\n"}) + "\n")
+
+    proc = run_cli_read_only([shelf], "score-code", "--suite", "humaneval", str(samples), "--k", "1", env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0] == (f"Error: cannot write the results to {samples}_results.jsonl: {shelf} is not writable "
+                        "(Read-only file system); pass --out PATH to write them elsewhere")
+    assert sorted(p.name for p in shelf.iterdir()) == ["samples.jsonl"]
+
+    proc = run_cli_read_only([shelf], "score-code", "--suite", "humaneval", str(samples), "--out",
+                             str(shelf / "r.jsonl"), env=env)
+    assert proc.returncode == 1 and "give --out a path in a folder you can write" in proc.stderr, proc.stderr
+
+    out = tmp_path / "elsewhere" / "results.jsonl"
+    proc = run_cli_read_only([shelf], "score-code", "--suite", "humaneval", str(samples), "--k", "1", "--out",
+                             str(out), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["pass@1"] == 0.5 and summary["results_file"] == str(out)
+    assert [json.loads(line)["passed"] for line in out.read_text().splitlines()] == [True, False]
+
+    proc = run_cli("score-code", "--suite", "humaneval", str(samples), "--out", str(tmp_path), env=env, check=False)
+    assert proc.returncode == 2 and "is a folder; give the results file's path" in proc.stderr
+
+
+def test_score_code_keeps_the_summary_when_the_write_fails(tmp_path, monkeypatch):
+    """The folder passed the check but the write still fails (disk full, remounted): the summary
+    is printed first, then one error line; exit status 1."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from hmst_bench import cli, util
+    from hmst_bench.eval import code
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return 1\n"}) + "\n")
+    scored = [{"task_id": "HumanEval/0", "completion": "    return 1\n", "passed": True, "result": "passed"}]
+    summary = {"pass@1": 1.0, "problems": 1, "problems_in_suite": 164, "samples": 1, "sandboxed": True,
+               "k_not_reported": []}
+    monkeypatch.setattr(code, "score_samples", lambda *a, **k: (scored, dict(summary)))
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(util, "atomic_write", full)
+    result = CliRunner().invoke(cli.cli, ["score-code", "--suite", "humaneval", str(samples), "--k", "1", "--json"])
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["pass@1"] == 1.0
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and "could not be written (No space left on device)" in errors[0], result.stderr
 
 
 LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"

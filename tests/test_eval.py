@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, run_cli, run_cli_read_only
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data (HMST_BENCH_SHARED_DATA)")
 
@@ -163,6 +163,7 @@ def _fails(*args, match: str, env: dict):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert match in lines[0], lines[0]
+    return lines[0]
 
 
 def test_bad_input_is_one_line(evaluated, home, tmp_path):
@@ -177,6 +178,126 @@ def test_bad_input_is_one_line(evaluated, home, tmp_path):
     _fails("eval", "--run", str(no_weights), "--suite", "truthfulqa", match="never reached its first checkpoint", env=env)
     empty = {"HMST_BENCH_HOME": str(tmp_path / "empty-home")}
     _fails("eval", "--run", str(run), "--suite", "gsm8k", match="run `hmst-bench data import gsm8k PATH`", env=empty)
+
+
+def test_broken_run_directory_is_one_line(evaluated, home, tmp_path):
+    """A cut model.safetensors, and a run.json that is not an object or lacks `config`: one line
+    naming the file and the fix, never a traceback, and nothing written into the run."""
+    run = evaluated[0]
+    env = {"HMST_BENCH_HOME": str(home)}
+    weights = (run / "model.safetensors").read_bytes()
+    cases = {
+        "half-weights": ("model.safetensors", weights[: len(weights) // 2], "model.safetensors is truncated or corrupt"),
+        "header-only": ("model.safetensors", weights[:100], "model.safetensors is truncated or corrupt"),
+        "empty-weights": ("model.safetensors", b"", "model.safetensors is truncated or corrupt"),
+        "list-record": ("run.json", b"[]\n", "run.json holds a JSON list, not a run's record"),
+    }
+    info = json.loads((run / "run.json").read_text())
+    cases["no-config"] = ("run.json", json.dumps({k: v for k, v in info.items() if k != "config"}).encode(),
+                          "run.json lacks 'config'")
+    cases["string-config"] = ("run.json", json.dumps({**info, "config": "tiny"}).encode(),
+                              "run.json has a malformed 'config'")
+    for name, (file, data, message) in cases.items():
+        broken = tmp_path / name
+        shutil.copytree(run, broken, ignore=shutil.ignore_patterns("eval"))
+        (broken / file).write_bytes(data)
+        line = _fails("eval", "--run", str(broken), "--suite", "truthfulqa_mc1", "--limit", "1", match=message, env=env)
+        assert str(broken / file) in line and "train the run again" in line, line
+        assert not (broken / "eval").exists(), name
+
+
+def test_short_window_scores_what_fits_and_counts_it(home, tmp_path):
+    """A run trained with --seq-len 32 on TruthfulQA, whose answers outgrow the window: evaluated
+    (exit 0, no traceback), with the cut requests counted in the provenance and under the table,
+    the same when served from the cache."""
+    env = {"HMST_BENCH_HOME": str(home)}
+    run = tmp_path / "run32"
+    run_cli("train", "--arch", "dense-llama", "--size", "micro", "--budget", "2e10", "--seq-len", "32",
+            "--corpus", "synthetic-facts", "--out", str(run), env=env)
+    counts = []
+    for _ in range(2):
+        proc = run_cli("eval", "--run", str(run), "--suite", "truthfulqa_mc1", "--limit", "4", "--json", env=env)
+        assert "Traceback" not in proc.stderr
+        summary, = json.loads(proc.stdout)
+        req = summary["provenance"]["requests"]
+        record = json.loads((run / "eval" / "truthfulqa_mc1.json").read_text())
+        assert record["provenance"]["requests"] == req and record["provenance"]["window"] == 32
+        cut = req["truncated"]
+        assert cut["continuation"] > 0 and cut["context"] > 0 and cut["prompt"] == 0
+        assert cut["continuation"] + cut["context"] <= req["total"]
+        assert (f"note: 32-token window: {cut['context']:,} contexts cut on the left; {cut['continuation']:,} "
+                "continuations longer than the window, scored on their last 32 tokens") in proc.stderr
+        assert all(isinstance(r["value"], float) for r in summary["metrics"])
+        counts.append((cut, req["from_cache"]))
+    assert counts[0][0] == counts[1][0] and counts[0][1] == 0 and counts[1][1] == req["total"]
+
+
+def test_read_only_run_is_evaluated_and_nothing_lost(evaluated, home, tmp_path):
+    """A run folder that cannot be written (a read-only mount, which binds root too): evaluated
+    without the cache, one warning line before any work, results shown and not saved, exit 0;
+    with --no-cache the same; --out DIR saves results and cache there; a read-only cache folder
+    alone only turns the cache off."""
+    env = {"HMST_BENCH_HOME": str(home)}
+    run = tmp_path / "shared-run"
+    shutil.copytree(evaluated[0], run, ignore=shutil.ignore_patterns("eval"))
+    reference = json.loads((evaluated[0] / "eval" / "truthfulqa.json").read_text())["results"]["truthfulqa_mc1"]
+    args = ("eval", "--run", str(run), "--suite", "truthfulqa_mc1", "--limit", str(LIMIT), "--json")
+
+    for extra, without in (((), "without the request cache; "), (("--no-cache",), "")):
+        proc = run_cli_read_only([run], *args, *extra, env=env)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert lines[0] == (f"warning: {run / 'eval'} is not writable (Read-only file system): evaluating {without}"
+                            "the results are shown but not saved; --out DIR saves them elsewhere")
+        assert sum("warning" in line for line in lines) == 1 and "; not saved" in proc.stderr
+        summary, = json.loads(proc.stdout)
+        assert summary["file"] is None and summary["provenance"]["requests"]["computed"] > 0
+        acc = next(r["value"] for r in summary["metrics"] if r["metric"] == "acc")
+        assert acc == pytest.approx(reference["acc,none"], abs=1e-9)
+        assert not (run / "eval").exists()
+
+    out = tmp_path / "results"
+    proc = run_cli_read_only([run], *args, "--out", str(out), env=env)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    summary, = json.loads(proc.stdout)
+    assert summary["file"] == str(out / "truthfulqa_mc1.json") and json.loads((out / "truthfulqa_mc1.json").read_text())
+    assert len(list((out / "cache").glob("*.db"))) == 1 and not (run / "eval").exists()
+
+    (run / "eval" / "cache").mkdir(parents=True)  # writable results, a read-only cache
+    proc = run_cli_read_only([run / "eval" / "cache"], *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith(f"warning: {run / 'eval' / 'cache'} is not writable (Read-only file system): "
+                                  "evaluating without the request cache\n"), proc.stderr
+    assert (run / "eval" / "truthfulqa_mc1.json").exists() and not any((run / "eval" / "cache").iterdir())
+
+
+def test_a_result_that_fails_to_write_is_still_reported(evaluated, home, tmp_path, monkeypatch):
+    """Writable when checked, not when written (a full disk): every suite still runs and is shown
+    (and printed with --json), then one error line names the file; exit status 1."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from hmst_bench import cli
+    from hmst_bench.eval import runner
+
+    monkeypatch.setenv("HMST_BENCH_HOME", str(home))
+    run = tmp_path / "run"
+    shutil.copytree(evaluated[0], run, ignore=shutil.ignore_patterns("eval"))
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "atomic_write", full)
+    result = CliRunner().invoke(cli.cli, ["eval", "--run", str(run), "--suite", "truthfulqa_mc1,mmlu_anatomy",
+                                          "--limit", "2", "--json", "--no-cache"])
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert [s["suite"] for s in summary] == ["truthfulqa_mc1", "mmlu_anatomy"] and all(s["file"] is None for s in summary)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: could not write {run / 'eval' / 'truthfulqa_mc1.json'} (No space left on device) "
+                           "and 1 more; every suite was evaluated and reported"), last
+    assert "Traceback" not in result.stderr
 
 
 def test_lm_eval_cli_passthrough(evaluated, home):

@@ -80,6 +80,55 @@ def test_loglikelihood_of_a_greedy_continuation_is_flagged(ours):
     assert is_greedy and ll < 0
 
 
+LONG_CONTINUATION = " Vyndum in 1821, the year the river froze over and the northern roads were closed for a winter."
+
+
+def test_a_continuation_longer_than_the_window_is_scored_on_its_last_tokens(dense_run):
+    """lm-eval's HFLM cuts the context from the left and cannot score a continuation longer than
+    its window; ours scores what fits: the continuation's last `window` tokens, each after the
+    tokens before it. An empty continuation is HFLM's empty sum, (0.0, True)."""
+    from hmst_bench.eval.lm import HmstBenchLM
+
+    lm = HmstBenchLM(run=str(dense_run), device="cpu", batch_size=4, max_length=8)
+    context = "Githstin Datoth was born in"
+    _, cont = lm._encode_pair(context, LONG_CONTINUATION)
+    assert len(cont) > 9
+    (ll, greedy), (empty, empty_greedy) = lm.loglikelihood(
+        requests("loglikelihood", [(context, LONG_CONTINUATION), (context, "")]), disable_tqdm=True)
+    ids = torch.tensor([cont[-9:-1]])
+    with torch.no_grad():
+        expected = lm.model.token_logprobs(ids, torch.tensor([cont[-8:]])).sum()
+    assert ll == pytest.approx(float(expected), abs=1e-4) and ll < 0 and isinstance(greedy, bool)
+    assert (empty, empty_greedy) == (0.0, True)
+
+
+def test_window_cuts_count_what_lm_eval_encodes(dense_run):
+    """window_cuts (batched, from the request texts) agrees with the tokens lm-eval's own
+    TemplateLM.loglikelihood hands the model, and with the generation prompt room."""
+    from lm_eval.api.model import TemplateLM
+
+    from hmst_bench.eval.lm import HmstBenchLM
+
+    lm = HmstBenchLM(run=str(dense_run), device="cpu", batch_size=4, max_length=16)
+    ll_args = LL_ARGS + [("Githstin Datoth was born in", LONG_CONTINUATION), ("", LONG_CONTINUATION),
+                         ("Question: where?\nAnswer:", " A")]  # a repeated request counts twice
+    gen_args = [("short", {"until": ["\n"], "max_gen_toks": 4}), ("x " * 30, {"until": ["\n"], "max_gen_toks": 4}),
+                ("x " * 10, {"until": ["\n"]})]  # the default 256 answer tokens fill the window: half is kept
+    seen = []
+    lm._loglikelihood_tokens = lambda reqs, **kw: seen.extend(reqs) or [(0.0, False)] * len(reqs)
+    TemplateLM.loglikelihood(lm, requests("loglikelihood", ll_args), disable_tqdm=True)
+    del lm._loglikelihood_tokens
+    expected = {"continuation": sum(len(cont) > 16 for _, _, cont in seen),
+                "context": sum(len(cont) <= 16 and len(ctx) + len(cont) > 17 for _, ctx, cont in seen),
+                "prompt": sum(len(lm.tok_encode(ctx)) > lm._prompt_room(kw.get("max_gen_toks", 256)) for ctx, kw in gen_args)}
+    assert lm.window_cuts(ll_args + gen_args) == expected
+    assert expected["continuation"] >= 2 and expected["context"] >= 1 and expected["prompt"] == 2
+    # once scored here, the requests are looked up instead of tokenised again: the same counts
+    lm.loglikelihood(requests("loglikelihood", ll_args), disable_tqdm=True)
+    assert set(lm._cut) == set(ll_args)
+    assert lm.window_cuts(ll_args + gen_args) == expected
+
+
 def test_rolling_equals_hflm(ours, hflm):
     text = ["Githstin Datoth was born in Vyndum in 1821. " * 12, "short"]
     a = ours.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in text]), disable_tqdm=True)

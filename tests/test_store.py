@@ -451,6 +451,31 @@ def test_cli_errors_are_one_line_with_exit_code_2(home, tmp_path):
     assert proc.returncode == 2 and "known: mmlu, truthfulqa, gsm8k, mbpp, humaneval" in proc.stderr
 
 
+def test_cli_symlink_loops_are_one_line(home, tmp_path):
+    """A PATH that is, or passes through, a symlink loop, and a file to import that is a loop or
+    dangles: one line naming it, exit status 2, nothing stored."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    folder = _gsm8k(tmp_path / "gsm")
+    (folder / "train.jsonl").unlink()
+    (folder / "train.jsonl").symlink_to("train.jsonl")  # a loop where a split should be
+    mmlu = tmp_path / "mmlu"
+    mmlu.mkdir()
+    (mmlu / "anatomy_test.csv").write_text("q1,a,b,c,d,A\n")
+    (mmlu / "anatomy_dev.csv").symlink_to("gone_dev.csv")  # dangling
+    cases = [("gsm8k", loop, f"{loop} is, or passes through, a symlink loop"),
+             ("gsm8k", loop / "sub" / "train.jsonl", "passes through, a symlink loop"),
+             ("humaneval", loop, "a symlink loop"),
+             ("gsm8k", folder, f"{folder / 'train.jsonl'} is a symlink loop or points to nothing"),
+             ("mmlu", mmlu, f"{mmlu / 'anatomy_dev.csv'} is a symlink loop or points to nothing")]
+    for name, path, message in cases:
+        proc = run_cli("data", "import", name, str(path), check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith("Error: ") and message in lines[0], lines[0]
+        assert store.manifest(name) is None
+
+
 def test_cli_pull_offline_is_one_line(home, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = run_cli("data", "pull", "gsm8k", env=env, check=False)

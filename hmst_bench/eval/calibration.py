@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -265,9 +265,10 @@ def _leaves(name: str, subtasks: dict) -> list[str]:
 # the postprocessor, its figure and its table rows
 
 
-def postprocess(record: dict, lm: Any, out_dir: Path) -> dict:
+def postprocess(record: dict, lm: Any, out_dir: Optional[Path]) -> dict:
     """Calibration of every multiple-choice task of a suite, pooled per group, and the suite's
-    reliability diagram in out_dir. Empty when the suite has no multiple-choice task."""
+    reliability diagram in out_dir (none when out_dir is None). Empty when the suite has no
+    multiple-choice task."""
     configs = record.get("configs") or {}
     mc = [t for t in (record.get("samples") or {}) if (configs.get(t) or {}).get("output_type") == "multiple_choice"]
     if not mc:
@@ -296,7 +297,7 @@ def postprocess(record: dict, lm: Any, out_dir: Path) -> dict:
     out = {"definitions": DOCS, "confidence": "softmax over the choices' log-likelihoods, of the chosen choice",
            "tasks": tasks, "groups": groups, "skipped": skipped, "figure": None}
     panels = _panels(record, out)
-    if panels:
+    if panels and out_dir is not None:  # None: the results cannot be saved, so neither can a figure
         name = f"{record.get('suite', 'suite')}-reliability.png"
         reliability_diagram(panels, Path(out_dir) / name, title=_figure_title(record))
         out["figure"] = name

@@ -8,7 +8,8 @@ dense baseline scores exactly as lm-eval's `HFLM` scores its `RUN/hf` copy. The 
 reached through the architecture contract (`hmst_bench.arch.LanguageModel`):
 
 - context: the last `max_length` tokens (the model's window), or, for a model that reads
-  further through a memory and says so with `max_context_len` (HMST), the last that many;
+  further through a memory and says so with `max_context_len` (HMST), the last that many; a
+  continuation longer than that is itself cut to its last tokens (`window_cuts` counts both);
 - loglikelihood: requests are deduplicated; a one-token continuation is read off
   `next_token_logprobs` of its context, so all the choices that share a context (A/B/C/D in
   MMLU) cost one row together, and contexts are batched (right-padded, when the model takes
@@ -26,8 +27,10 @@ interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
-from typing import Any, Optional
+from collections import Counter
+from typing import Any, Iterable, Optional
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -40,6 +43,9 @@ from hmst_bench.arch import IGNORE_INDEX
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_GEN_TOKS = 256
+# under lm_eval's logger, so `hmst-bench eval` (which quiets lm_eval to ERROR and reports the
+# counts itself) stays quiet, while lm-eval's own CLI shows it as it shows HFLM's truncation warning
+log = logging.getLogger("lm_eval.models.hmst_bench")
 
 
 def _batch_size(value: Any) -> int:
@@ -96,6 +102,9 @@ class HmstBenchLM(TemplateLM):
         self._ragged_next = "lengths" in inspect.signature(self.model.next_token_logprobs).parameters
         # requests this process actually computed (the rest came from lm-eval's cache)
         self.computed = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}
+        # (context, continuation) -> how the window cut it ("context", "continuation" or None),
+        # for the loglikelihood requests scored here: window_cuts then tokenises only the rest
+        self._cut: dict[tuple[str, str], Optional[str]] = {}
 
     # ------------------------------------------------------------------ tokens
 
@@ -130,24 +139,43 @@ class HmstBenchLM(TemplateLM):
         # what the model reads and which of the last positions are scored, as in HFLM: the
         # whole sequence is cut to the window from the left, the final token is never input
         jobs: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        empty, cut = [], 0
         for i, (_, context, continuation) in enumerate(requests):
-            if not continuation or len(continuation) > self.max_context:
-                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored in a {self.max_context}-token window")
+            if not continuation:  # nothing to score: HFLM's empty sum, 0.0, and vacuously greedy
+                empty.append(i)
+                continue
+            # a continuation longer than the context the model reads is scored on its last
+            # `max_context` tokens (the only ones with a preceding token in the window), as
+            # what fits; `window_cuts` counts these for the result file
+            cut += len(continuation) > self.max_context
+            if requests[i][0] is not None:
+                self._cut[tuple(requests[i][0])] = ("continuation" if len(continuation) > self.max_context else
+                                                    "context" if len(context) + len(continuation) > self.max_context + 1
+                                                    else None)
+            scored = min(len(continuation), self.max_context)
             whole = (list(context) + list(continuation))[-(self.max_context + 1) :]
-            key = (tuple(whole[:-1]), tuple(whole[-len(continuation) :]))
+            key = (tuple(whole[:-1]), tuple(whole[-scored:]))
             jobs.setdefault(key, []).append(i)
+        if cut:
+            log.warning("%d continuations are longer than the %d-token window; each is scored on its last %d tokens",
+                        cut, self.max_context, self.max_context)
 
         single = [k for k in jobs if len(k[1]) == 1]
         multi = [k for k in jobs if len(k[1]) > 1]
         progress = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm)
 
-        def finish(key, answer):
-            for i in jobs[key]:
+        def answered(indices, answer):
+            for i in indices:
                 results[i] = answer
                 if requests[i][0] is not None:  # None: a rolling window, cached as a whole text
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
                     self.computed["loglikelihood"] += 1
-            progress.update(len(jobs[key]))
+            progress.update(len(indices))
+
+        def finish(key, answer):
+            answered(jobs[key], answer)
+
+        answered(empty, (0.0, True))
 
         # one-token continuations: one next-token distribution per distinct context
         contexts: dict[tuple[int, ...], list] = {}
@@ -227,6 +255,57 @@ class HmstBenchLM(TemplateLM):
             if int(self.model.next_token_logprobs(ids)[0].argmax()) != token:
                 return False
         return True
+
+    def window_cuts(self, requests: Iterable[tuple[str, Any]]) -> dict[str, int]:
+        """How many of these requests (their `args`) the context the model reads cut short:
+        loglikelihood pairs whose context lost tokens on the left (`context`, as HFLM cuts) or
+        whose continuation alone was longer and was scored on its last tokens only
+        (`continuation`), and generation prompts cut from the left to leave room for the answer
+        (`prompt`). Requests scored by this adapter are looked up; the others (answers from the
+        cache) are tokenised as lm-eval's `loglikelihood` does, batched here."""
+        cuts = {"context": 0, "continuation": 0, "prompt": 0}
+        pairs: Counter = Counter()
+        for args in requests:
+            context, second = args
+            if isinstance(second, str) and (context, second) in self._cut:
+                kind = self._cut[(context, second)]
+                if kind:
+                    cuts[kind] += 1
+            elif isinstance(second, str):
+                pairs[(context, second)] += 1
+            else:
+                kwargs = normalize_gen_kwargs(dict(second), self.max_gen_toks)
+                room = self._prompt_room(int(kwargs["max_gen_toks"]))
+                cuts["prompt"] += len(self.tok_encode(context)) > room
+        # lm-eval's split (TemplateLM.loglikelihood and _encode_pair): trailing spaces of the
+        # context move to the continuation; the continuation's tokens are those of the whole
+        # text after the context's; an empty context is the prefix token
+        texts: dict[str, int] = {}
+        split = []
+        for context, continuation in pairs:
+            if context == "":
+                split.append((None, continuation))
+            else:
+                spaces = len(context) - len(context.rstrip())
+                if spaces:
+                    context, continuation = context[:-spaces], context[-spaces:] + continuation
+                split.append((context, context + continuation))
+            for text in split[-1]:
+                if text is not None:
+                    texts.setdefault(text, len(texts))
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+        for (context, whole), count in zip(split, pairs.values()):
+            if context is None:  # the prefix token as context, unless the continuation starts with it
+                starts = lengths[texts[whole]] and self.tok_encode(whole)[0] == self.prefix_token_id
+                ctx_len, cont_len = 1, lengths[texts[whole]] - bool(starts)
+            else:
+                ctx_len = lengths[texts[context]]
+                cont_len = lengths[texts[whole]] - ctx_len
+            if cont_len > self.max_context:
+                cuts["continuation"] += count
+            elif ctx_len + cont_len > self.max_context + 1:
+                cuts["context"] += count
+        return cuts
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []

@@ -10,6 +10,9 @@ repeated one is served from it, while a run trained further starts afresh.
 
 `RUN/eval/<suite>.json` is written atomically and holds lm-eval's results, group results,
 configs, versions and n-shot, the per-sample log in lm-eval's samples format, and provenance.
+Another folder may take the result files and the cache (`out_dir`, the CLI's `--out`). Whether
+they can be written is tried before any work: where they cannot (a read-only run), the suites
+are evaluated anyway, without the cache, and reported but not saved, never computed and lost.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import importlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from hmst_bench.eval.suite import SuiteSpec
-from hmst_bench.util import atomic_write
+from hmst_bench.util import atomic_write, unwritable
 
 EVAL_DIR = "eval"
 CACHE_DIR = "cache"
@@ -35,7 +39,8 @@ CACHE_DIR = "cache"
 DEFAULT_SEEDS = (0, 1234, 1234, 1234)
 # Metrics computed from a finished suite's per-sample log, beyond lm-eval's own: key -> module.
 # Each module has postprocess(record, lm, out_dir) -> dict (empty when the suite has nothing for
-# it; stored under record[key]; out_dir is RUN/eval, for figures) and summary_rows(record) ->
+# it; stored under record[key]; out_dir is where results go (RUN/eval), for figures, or None when
+# nothing can be written there) and summary_rows(record) ->
 # rows in summary_rows' format, which the CLI table and `--json` show after lm-eval's metrics.
 POSTPROCESSORS: dict[str, str] = {"hallucination": "hmst_bench.eval.hallucination",
                                   "calibration": "hmst_bench.eval.calibration",
@@ -44,6 +49,42 @@ POSTPROCESSORS: dict[str, str] = {"hallucination": "hmst_bench.eval.hallucinatio
 
 class EvalError(ValueError):
     """Bad input to `hmst-bench eval`; the message is one line naming the fix."""
+
+
+class EvalWarning(UserWarning):
+    """Something an evaluation could not write (it goes on without it)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where an evaluation writes, as tried before any work: result files and figures in `dir`
+    when `save`, the request cache in dir/cache when `cache`; `reason` says why not (the OS's
+    words), `cache_asked` whether the caller wanted the cache."""
+
+    dir: Path
+    save: bool
+    cache: bool
+    cache_asked: bool
+    reason: Optional[str] = None
+
+    @property
+    def message(self) -> Optional[str]:
+        if not self.save:
+            without = "without the request cache; " if self.cache_asked else ""
+            return f"{self.dir} is not writable ({self.reason}): evaluating {without}the results are shown but not saved"
+        if self.cache_asked and not self.cache:
+            return f"{self.dir / CACHE_DIR} is not writable ({self.reason}): evaluating without the request cache"
+        return None
+
+
+def plan_output(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool = True) -> Output:
+    """Try for real whether the results (RUN/eval, or out_dir) and the cache can be written."""
+    folder = Path(out_dir) if out_dir is not None else Path(run_dir) / EVAL_DIR
+    why = unwritable(folder)
+    if why:
+        return Output(folder, save=False, cache=False, cache_asked=use_cache, reason=why)
+    why = unwritable(folder / CACHE_DIR) if use_cache else None
+    return Output(folder, save=True, cache=use_cache and not why, cache_asked=use_cache, reason=why)
 
 
 def resolve_suites(names: Sequence[str], known: dict[str, SuiteSpec]) -> list[SuiteSpec]:
@@ -131,8 +172,15 @@ def evaluate(
     on_suite=None,
     progress: bool = True,
     code: Optional[CodeOptions] = None,
+    out_dir: Optional[Path] = None,
+    notice: Optional[Callable[[Output], None]] = None,
 ) -> list[dict]:
-    """Evaluate every suite; returns the records written to RUN/eval/<suite>.json."""
+    """Evaluate every suite; returns the records written to RUN/eval/<suite>.json (or out_dir).
+
+    on_suite(record, file) is called as each suite ends; file is None when it was not saved.
+    notice(output) is called once, before any work, when results or cache cannot be written
+    (default: an EvalWarning). A result file that fails to write after all (a full disk) does not
+    stop the other suites; EvalError names it once every suite is done and reported."""
     import lm_eval
     import torch
 
@@ -151,27 +199,34 @@ def evaluate(
     run = load_run(run_dir)
     if model_fingerprint(run_dir) != fingerprint:  # a training job checkpointed meanwhile
         raise EvalError(f"{run_dir} changed while it was loading (is it still training?); evaluate it again")
+    # tried after the run proved loadable (the try makes RUN/eval), before any request is answered
+    output = plan_output(run_dir, out_dir, use_cache)
+    if output.message:
+        if notice is not None:
+            notice(output)
+        else:
+            warnings.warn(output.message, EvalWarning, stacklevel=2)
     lm = HmstBenchLM(run=run, device=device, batch_size=batch_size, progress=progress)
     # lm-eval keys each answer by the request; the file name adds what else decides the answer:
     # the model's files, the code that computes it, device, window and default generation length
     code_hash = hashlib.sha256(repr((_version("hmst-bench"), _version("lm_eval"), run.spec.distribution,
                                 _version(run.spec.distribution) if run.spec.distribution else None)).encode())
-    cache = run_dir / EVAL_DIR / CACHE_DIR / (
+    cache = output.dir / CACHE_DIR / (
         f"lm-{fingerprint['model_sha256'][:16]}-{code_hash.hexdigest()[:8]}-{lm.device.type}"
         f"-w{lm.max_length}{'' if lm.max_context == lm.max_length else f'-c{lm.max_context}'}-g{lm.max_gen_toks}")
     seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4
     manager = task_manager(suites)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # our table reports; lm-eval's INFO is noise here
 
-    records = []
+    records, unsaved = [], []
     for suite in suites:
         started = time.time()
         before = dict(lm.computed)
         tasks, gen_kwargs = code.tasks(suite, manager)
         # longctx builds its documents for this model's window and tokenizer (hmst_bench.eval.longctx)
         with code.execution(suite), longctx.context(lm.max_length, lm.tokenizer):
-            out = _simple_evaluate(lm_eval, lm, tasks, gen_kwargs, num_fewshot, limit, cache, use_cache, manager, seeds,
-                                   unsafe=suite.executes_code)
+            out = _simple_evaluate(lm_eval, lm, tasks, gen_kwargs, num_fewshot, limit, cache, output.cache, manager,
+                                   seeds, unsafe=suite.executes_code)
             sandbox = code.attach_outcomes(suite, out)
         computed = {k: lm.computed[k] - before[k] for k in lm.computed}
         # one sample per document and filter; every filter sees the same responses. A response is
@@ -179,6 +234,11 @@ def evaluate(
         per_doc = {(task, s["doc_id"]): sum(len(r) if isinstance(r, list) else 1 for r in s["resps"])
                    for task, rows in out["samples"].items() for s in rows}
         requests = sum(per_doc.values())
+        # requests the model's window cut short (HFLM's left truncation, and continuations or
+        # prompts longer than fits), counted from the logged requests so cached answers count too
+        firsts = {(task, s["doc_id"]): s for task, rows in out["samples"].items() for s in reversed(rows)}
+        truncated = lm.window_cuts(tuple(a) for s in firsts.values() for a in s.get("arguments") or ()
+                                   if isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str))
         record = {
             "suite": suite.name,
             "tasks": list(suite.tasks),
@@ -218,19 +278,29 @@ def evaluate(
                 "window": lm.max_length,  # the model's attention window
                 "context": lm.max_context,  # tokens of context it reads (more than the window through a memory)
                 "requests": {"total": requests, "computed": sum(computed.values()),
-                             "from_cache": max(requests - sum(computed.values()), 0)},
+                             "from_cache": max(requests - sum(computed.values()), 0), "truncated": truncated},
                 "seconds": round(time.time() - started, 2),
                 **({"code_execution": sandbox} if sandbox else {}),
             },
         }
         for key, module in POSTPROCESSORS.items():
-            extra = importlib.import_module(module).postprocess(record, lm, run_dir / EVAL_DIR)
+            extra = importlib.import_module(module).postprocess(record, lm, output.dir if output.save else None)
             if extra:
                 record[key] = extra
-        atomic_write(run_dir / EVAL_DIR / f"{suite.name}.json", _jsonable(record))
+        file = output.dir / f"{suite.name}.json" if output.save else None
+        if file is not None:
+            try:
+                atomic_write(file, _jsonable(record))
+            except OSError as exc:  # writable when checked, not now (a full disk): report, go on, say so at the end
+                unsaved.append(f"{file} ({exc.strerror or exc})")
+                file = None
         records.append(record)
         if on_suite is not None:
-            on_suite(record)
+            on_suite(record, file)
+    if unsaved:
+        raise EvalError(f"could not write {unsaved[0]}" + (f" and {len(unsaved) - 1} more" if len(unsaved) > 1 else "")
+                        + "; every suite was evaluated and reported, but these results are not saved: "
+                        "free space, or evaluate again with --out DIR")
     return records
 
 

