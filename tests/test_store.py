@@ -507,7 +507,7 @@ def test_killed_import_leaves_a_temporary_the_next_import_removes(home, tmp_path
     assert not left[0].exists()
     assert (root / "gsm8k" / "manifest.json").exists()
     assert {p.name for p in root.iterdir() if p.name.startswith(".")} == {
-        ".gsm8k.lock", ".gsm8k.notours.tmp", ".mmlu.abcd1234.tmp", ".gsm8k.abcd1234.tmp"}
+        ".gsm8k.notours.tmp", ".mmlu.abcd1234.tmp", ".gsm8k.abcd1234.tmp"}
 
     # a temp folder of an import that is still alive (holding the lock) is not stale: the next
     # import waits for the lock instead of deleting it, and cleans up once the holder is gone

@@ -713,7 +713,8 @@ def _store(b: Benchmark, imported: _Imported, source: str, source_files: dict[st
     man = _manifest(b, data, source, source_files, warn, files)
     root = store_root()
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock.acquire(root / f".{b.name}.lock", blocking=True) as lock:  # a concurrent import waits its turn
+    lock = FileLock.acquire(root / f".{b.name}.lock", blocking=True)  # a concurrent import waits its turn
+    try:
         lock.record(f"hmst-bench import of {b.name}\n")
         _remove_stale_temporaries(root, b.name)
         with atomic_dir(root / b.name) as tmp:
@@ -721,6 +722,8 @@ def _store(b: Benchmark, imported: _Imported, source: str, source_files: dict[st
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(blob)
             atomic_write_json(tmp / "manifest.json", man)
+    finally:
+        lock.remove()  # the store keeps no lock files; a waiting import then locks a fresh one
     for message in warn:
         warnings.warn(message, StoreWarning, stacklevel=3)
     return man

@@ -401,7 +401,7 @@ def _claim(out: Path, settings: TrainSettings):
       the lock file, so there is no lock to take;
     - a live process holding the lock refuses the session, naming its pid; a dead one's lock is
       gone with it (flock)."""
-    if settings.resume:
+    if settings.resume and settings.init_from is None:  # with --init-from, _resolve refuses the pair
         try:
             info = rundir.read_info(out)
         except rundir.RunError as exc:
