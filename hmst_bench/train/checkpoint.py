@@ -29,7 +29,7 @@ class CheckpointDamaged(RunError):
 
 
 def _why(exc: BaseException) -> str:
-    """The first sentence of an exception's message (torch's run on for lines)."""
+    """The first sentence of an exception's message (torch's messages run on for lines)."""
     return (str(exc).splitlines() or [""])[0].split(". ")[0][:160] or type(exc).__name__
 
 
