@@ -3,8 +3,10 @@
 Used for run directories (one `train` per run; `train/rundir.py`) and for the benchmark store
 (one import of a benchmark at a time; `eval/store.py`). The lock belongs to an open file: the
 kernel drops it when its holder exits, however it exits (`kill -9` included), so a lock left by a
-dead process never blocks anyone and there is nothing stale to clean up. The holder writes its pid
-into the file, so a process refused the lock can say who holds it.
+dead process never blocks anyone and there is nothing stale to clean up. A process refused the
+lock names its holder from the kernel's table of locks (/proc/locks), so the file need not be
+rewritten by each holder (a refused session then changes nothing), or from a `pid N` line a
+holder chose to `record`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,25 @@ def holder_pid(text: str) -> int | None:
     return None
 
 
+def kernel_holder(st: os.stat_result) -> int | None:
+    """The pid holding a flock on the file of `st`, from /proc/locks (Linux); None if unknown."""
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    same_inode = None
+    for line in table.splitlines():
+        parts = line.split()  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2147300 0 EOF"; waiters have "->"
+        if len(parts) < 6 or parts[1] != "FLOCK" or not parts[4].isdigit():
+            continue
+        if parts[5] == where:
+            return int(parts[4])
+        if parts[5].rsplit(":", 1)[-1] == str(st.st_ino):  # overlay file systems may show another device
+            same_inode = int(parts[4])
+    return same_inode
+
+
 class FileLock:
     """An exclusive flock on `path`, held until `release()` (or the process's end).
 
@@ -56,7 +77,7 @@ class FileLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
-                pid = holder_pid(os.pread(fd, 4096, 0).decode(errors="replace"))
+                pid = kernel_holder(os.fstat(fd)) or holder_pid(os.pread(fd, 4096, 0).decode(errors="replace"))
                 os.close(fd)
                 raise Locked(path, pid) from None
             except BaseException:

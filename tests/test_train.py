@@ -115,7 +115,7 @@ def test_kill_9_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((out / "run.json").read_text())["status"] == "running"  # it really was cut short
-    assert f"pid {proc.pid}" in (out / ".hmst-bench.lock").read_text()  # the dead holder's file stays, unlocked
+    assert (out / ".hmst-bench.lock").exists()  # the dead holder's lock file stays, unlocked by the kernel
     resumed = json.loads(run_cli("train", "--resume", "--out", str(out), "--json").stdout)
     assert resumed["status"] == "complete"
     assert resumed["final_train_loss"] == uninterrupted["final_train_loss"]
@@ -640,9 +640,8 @@ def test_resume_from_a_truncated_checkpoint_file_names_it_and_keeps_it(micro_run
     line = _fails("train", "--resume", "--out", str(run), match="the run cannot resume from this checkpoint; the file is kept")
     assert "another --out" in line
     after = _snapshot(run)
-    for own in (".", ".hmst-bench.lock"):  # the session's lock records its pid (and its write probe touched the folder)
-        before.pop(own), after.pop(own)
-    assert after == before  # every file of the run, the damaged one included, as it was
+    before.pop("."), after.pop(".")  # the session's write probe (a temp file) touched the folder's mtime
+    assert after == before  # every file of the run, the damaged one and the lock file included, as it was
 
 
 def test_resume_of_a_run_from_before_the_marker_completes(micro_run, tmp_path):

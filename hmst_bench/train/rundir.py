@@ -86,14 +86,15 @@ class RunBusy(RunError):
 def lock_run(run_dir: str | Path) -> FileLock:
     """Mark `run_dir` (an existing folder) as a run's own and lock it for this process: the lock
     is held until `release()` or the process ends (flock: a killed holder leaves no stale lock).
-    Raises RunBusy naming the holder's pid, or OSError when the folder cannot be written."""
+    Raises RunBusy naming the holder's pid (from /proc/locks), or OSError when the folder cannot be written."""
     try:
         lock = FileLock.acquire(Path(run_dir) / LOCK_FILE)
     except Locked as exc:
         who = f"pid {exc.pid}" if exc.pid else "another process"
         raise RunBusy(f"{run_dir} is in use by {who} (an hmst-bench train writing it); wait for it to finish, "
                       "stop it, or choose another --out") from None
-    lock.record(LOCK_TEXT)
+    if lock.created:  # written once; a later session (refused or not) leaves the file as it is
+        os.pwrite(lock.fd, LOCK_TEXT.encode(), 0)
     return lock
 
 
