@@ -227,10 +227,15 @@ def run_training(settings) -> dict:
         tps = ctx.meter.tokens / max(1e-9, ctx.elapsed)
         progress.update(task, completed=ctx.meter.fraction, tokens=f"{ctx.meter.tokens:,}", loss=f"{ctx.last_loss:.4f}", tps=f"{tps:,.0f}")
 
+    from hmst_bench.train.loop import RunComplete
     from hmst_bench.train.loop import train as train_fn
 
     try:
         info = train_fn(settings, progress=update)
+    except RunComplete as done:  # --resume of a finished run: say so, change nothing, succeed
+        if main_process:
+            click.echo(str(done), err=True)
+        return done.info
     except (TrainError, TrainingDiverged) as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -483,3 +483,74 @@ def test_cli_pull_offline_is_one_line(home, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: cannot fetch gsm8k (openai/gsm8k, main)")
     assert "`hmst-bench data import gsm8k PATH`" in lines[0] and "Traceback" not in proc.stderr
+
+
+KILLED_IMPORT = """
+import os, signal, sys
+from hmst_bench.eval import store
+real = store.atomic_write_json
+def killed(path, obj):  # the copy is complete, the manifest about to be written: kill -9 now
+    real(path, obj)
+    os.kill(os.getpid(), signal.SIGKILL)
+store.atomic_write_json = killed
+store.import_benchmark("gsm8k", sys.argv[1])
+"""
+
+HOLDER = """
+import sys, tempfile, time
+from pathlib import Path
+from hmst_bench.locking import FileLock
+root = Path(sys.argv[1])
+lock = FileLock.acquire(root / ".gsm8k.lock", blocking=True)
+lock.record("test holder\\n")
+tempfile.mkdtemp(prefix=".gsm8k.", suffix=".tmp", dir=root)  # a live import's temp folder
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_killed_import_leaves_a_temporary_the_next_import_removes(home, tmp_path):
+    """A kill -9 during `data import` leaves a complete `.gsm8k.*.tmp` copy; the next import
+    removes it (and only it), and never one that a live import holds the lock for."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    gsm = _gsm8k(tmp_path / "gsm")
+    proc = subprocess.run([sys.executable, "-c", KILLED_IMPORT, str(gsm)], env={**os.environ, "HMST_BENCH_HOME": str(home)})
+    assert proc.returncode == -9
+    root = home / "data"
+    left = [p for p in root.iterdir() if p.name.startswith(".gsm8k.") and p.name.endswith(".tmp")]
+    assert len(left) == 1 and (left[0] / "main" / "train.jsonl").exists()  # the complete copy the kill left
+    assert not (root / "gsm8k").exists()
+    # look-alikes that are not util.atomic_dir's temp folders stay
+    (root / ".gsm8k.notours.tmp").mkdir()
+    (root / ".mmlu.abcd1234.tmp").mkdir()
+    (root / ".gsm8k.abcd1234.tmp").write_text("a file, not a temp folder")
+    run_cli("data", "import", "gsm8k", str(gsm), env={"HMST_BENCH_HOME": str(home)})
+    assert not left[0].exists()
+    assert (root / "gsm8k" / "manifest.json").exists()
+    assert {p.name for p in root.iterdir() if p.name.startswith(".")} == {
+        ".gsm8k.notours.tmp", ".mmlu.abcd1234.tmp", ".gsm8k.abcd1234.tmp"}
+
+    # a temp folder of an import that is still alive (holding the lock) is not stale: the next
+    # import waits for the lock instead of deleting it, and cleans up once the holder is gone
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        live = [p for p in root.iterdir() if p.name.startswith(".gsm8k.") and p.name.endswith(".tmp") and p.is_dir()
+                and p.name != ".gsm8k.notours.tmp"]
+        assert len(live) == 1
+        second = subprocess.Popen([sys.executable, "-m", "hmst_bench.cli", "data", "import", "gsm8k", str(gsm)],
+                                  env={**os.environ, "HMST_BENCH_HOME": str(home)}, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert second.poll() is None and live[0].exists()  # waiting, the live temp untouched
+        holder.kill()
+        holder.wait()
+        _, stderr = second.communicate(timeout=60)
+        assert second.returncode == 0, stderr
+        assert not live[0].exists()  # stale once its process died
+    finally:
+        holder.kill()
+        holder.wait()

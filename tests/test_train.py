@@ -108,9 +108,14 @@ def test_kill_9_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
     out = tmp_path / "killed"
     proc = _start(["train", *RESUME_ARGS, "--out", str(out)])
     _wait_for_checkpoint(out, proc)
+    # while it runs, a second train into the same --out is refused, naming the holder of the lock
+    _fails("train", "--resume", "--out", str(out), match=f"in use by pid {proc.pid}")
+    _fails("train", *RESUME_ARGS, "--out", str(out), match=f"in use by pid {proc.pid}")
+    assert proc.poll() is None  # the first one carries on (its metrics stay one sequence: below)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((out / "run.json").read_text())["status"] == "running"  # it really was cut short
+    assert (out / ".hmst-bench.lock").exists()  # the dead holder's lock file stays, unlocked by the kernel
     resumed = json.loads(run_cli("train", "--resume", "--out", str(out), "--json").stdout)
     assert resumed["status"] == "complete"
     assert resumed["final_train_loss"] == uninterrupted["final_train_loss"]
@@ -534,3 +539,155 @@ def test_flop_probe_leaves_buffers_untouched_and_refused_stage_keeps_the_run(fre
     assert ((out / "run.json").read_text(), (out / "metrics.jsonl").read_text()) == before  # stage 1 untouched
     second = train(TrainSettings(stage="2", budget="1e7", out=out, eval_every=1000))
     assert second["status"] == "complete" and second["stages"]["1"]["steps"] == first["steps"]
+
+
+# ----------------------------------------------------------------------------- the run directory is the run's own
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every entry under `folder` (and the folder) with its bytes and modification time."""
+    entries = {".": (None, folder.stat().st_mtime_ns)}
+    for p in sorted(folder.rglob("*")):
+        entries[str(p.relative_to(folder))] = (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+    return entries
+
+
+def test_out_holding_files_hmst_bench_did_not_write_is_refused_untouched(tmp_path):
+    user = tmp_path / "mine"
+    (user / "hf").mkdir(parents=True)
+    (user / "state").mkdir()
+    for name, text in (("metrics.jsonl", "my metrics\n"), ("tokenizer.json", "{}"), ("model.safetensors", "weights"),
+                       ("hf/config.json", "{}"), ("state/mine.txt", "mine")):
+        (user / name).write_text(text)
+    before = _snapshot(user)
+    for budget in ("2e9", "1e6"):  # a start that trains, and one whose budget would be refused
+        _fails("train", *MICRO, "--budget", budget, "--out", str(user),
+               match=f"{user} holds files hmst-bench did not write (hf, metrics.jsonl, model.safetensors and 2 more); "
+                     "choose another --out or empty it")
+    _fails("train", *MICRO, "--stage", "2", "--budget", "2e9", "--out", str(user), match="did not write")
+    assert _snapshot(user) == before
+
+    foreign_run = tmp_path / "other"  # a run.json that hmst-bench did not write does not make a run
+    foreign_run.mkdir()
+    (foreign_run / "run.json").write_text("[]")
+    (foreign_run / "notes.txt").write_text("x")
+    before = _snapshot(foreign_run)
+    _fails("train", *MICRO, "--budget", "2e9", "--out", str(foreign_run), match="holds files hmst-bench did not write (notes.txt, run.json)")
+    _fails("train", "--resume", "--out", str(foreign_run), match="run.json was not written by hmst-bench")
+    assert _snapshot(foreign_run) == before
+
+    empty = tmp_path / "empty"  # an empty folder may take a run; a refused start leaves it empty
+    empty.mkdir()
+    _fails("train", *MICRO, "--budget", "1e6", "--out", str(empty), match="below one training step")
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
+def test_lr_nan_or_inf_is_one_line(tmp_path):
+    for value in ("nan", "inf"):  # click's range lets both through (comparisons with nan are false)
+        _fails("train", *MICRO, "--budget", "2e9", "--lr", value, "--out", str(tmp_path / "R"),
+               match=f"--lr must be a positive finite number, e.g. --lr 1e-3 (got {value})")
+    assert not (tmp_path / "R").exists()
+
+
+def test_a_locked_run_directory_refuses_a_second_train(tmp_path):
+    from hmst_bench.train import rundir
+
+    out = tmp_path / "R"
+    out.mkdir()
+    lock = rundir.lock_run(out)  # this test process is "the first train"
+    try:
+        _fails("train", *MICRO, "--budget", "1e6", "--out", str(out), match=f"{out} is in use by pid {os.getpid()}")
+        assert sorted(p.name for p in out.iterdir()) == [".hmst-bench.lock"]  # the holder's marker is kept
+    finally:
+        lock.release()
+    # released (as by the holder's exit): the next start gets past the lock, to its own refusal
+    _fails("train", *MICRO, "--budget", "1e6", "--out", str(out), match="below one training step")
+
+
+def test_resume_of_a_complete_run_changes_nothing(micro_run, tmp_path):
+    import shutil
+
+    out, info, _ = micro_run
+    older = tmp_path / "older"  # a run written before the ownership marker existed
+    shutil.copytree(out, older, copy_function=shutil.copy2)
+    (older / ".hmst-bench.lock").unlink()
+    for run in (out, older):
+        before = _snapshot(run)
+        proc = run_cli("train", "--resume", "--out", str(run), "--json")
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert lines == [f"{run} is already complete ({info['steps']} steps, budget 2e11 reached); "
+                         "nothing to resume and nothing was changed"], proc.stderr
+        assert json.loads(proc.stdout) == info
+        assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("damaged", ["state/model.safetensors", "state/trainer.pt", "state/optimizer.pt"])
+def test_resume_from_a_truncated_checkpoint_file_names_it_and_keeps_it(micro_run, tmp_path, damaged):
+    """A run killed after its last checkpoint (status running) whose checkpoint file was cut
+    short: the resume names the file and changes nothing."""
+    import shutil
+
+    out, _, _ = micro_run
+    run = tmp_path / "R"
+    shutil.copytree(out, run, copy_function=shutil.copy2)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    data = (run / damaged).read_bytes()
+    (run / damaged).write_bytes(data[: len(data) // 2])
+    before = _snapshot(run)
+    _fails("train", "--resume", "--out", str(run),
+           match=f"{run / damaged} is damaged (")
+    line = _fails("train", "--resume", "--out", str(run), match="the run cannot resume from this checkpoint; the file is kept")
+    assert "another --out" in line
+    after = _snapshot(run)
+    before.pop("."), after.pop(".")  # the session's write probe (a temp file) touched the folder's mtime
+    assert after == before  # every file of the run, the damaged one and the lock file included, as it was
+
+
+def test_resume_of_a_run_from_before_the_marker_completes(micro_run, tmp_path):
+    """The control of the truncation test: the same state, undamaged, resumes (and a run
+    directory written before the ownership marker is still the run's own)."""
+    import shutil
+
+    out, info, _ = micro_run
+    run = tmp_path / "R"
+    shutil.copytree(out, run, copy_function=shutil.copy2)
+    (run / ".hmst-bench.lock").unlink()
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    resumed = json.loads(run_cli("train", "--resume", "--out", str(run), "--json").stdout)
+    assert resumed["status"] == "complete" and resumed["steps"] == info["steps"]
+    assert resumed["final_train_loss"] == info["final_train_loss"]
+    assert (run / ".hmst-bench.lock").exists()  # marked from now on
+
+
+DISK_FULL = """
+import resource, sys
+from hmst_bench.cli import cli
+from hmst_bench.train import checkpoint
+real, calls = checkpoint.save_checkpoint, []
+def limited(*args, **kwargs):  # from the second checkpoint on, no file may grow past 64 KiB
+    calls.append(1)
+    if len(calls) == 2:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return real(*args, **kwargs)
+checkpoint.save_checkpoint = limited
+cli(sys.argv[1:], prog_name="hmst-bench")
+"""
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_one(tmp_path):
+    """A checkpoint write refused by the kernel (here EFBIG from RLIMIT_FSIZE, as ENOSPC from a
+    full disk) ends the run in one line; the previous checkpoint is whole and the run resumes."""
+    import torch
+
+    out = tmp_path / "R"
+    args = (*MICRO, "--budget", "4e10", "--save-every", "10", "--eval-every", "1000", "--out", str(out))
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL, "train", *args], capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1] == (f"Error: cannot write to {out}: File too large; the last good checkpoint (step 10) is kept in "
+                         f"{out}/state; free some space and continue with `hmst-bench train --resume --out {out}`"), proc.stderr
+    assert torch.load(out / "state" / "trainer.pt", weights_only=False)["step"] == 10
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # the half-written one is gone
+    resumed = json.loads(run_cli("train", "--resume", "--out", str(out), "--json").stdout)
+    assert resumed["status"] == "complete" and resumed["steps"] > 20

@@ -10,6 +10,8 @@ Hugging Face hub (`cais/mmlu`, `truthfulqa/truthful_qa`, `openai/gsm8k`, ...), a
 `hmst-bench data pull NAME` stores the same rows fetched from the hub (online). An import is parsed
 completely before anything is written, then written into a temp folder that replaces the old copy
 (`util.atomic_dir`: old moved aside, new renamed in, old removed): a malformed file (`FILE line N: what is wrong`) leaves an earlier copy untouched.
+Imports of one benchmark take turns on a lock (`<store_root>/.NAME.lock`, flock), and each first
+removes the temp folders (`.NAME.xxxxxxxx.tmp`) that a killed earlier import left behind.
 Row counts that differ from the canonical sizes warn (`StoreWarning`, also kept in the manifest);
 they do not fail, so a corrected or extended copy can still be used, visibly.
 
@@ -26,13 +28,16 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from hmst_bench.locking import FileLock
 from hmst_bench.util import atomic_dir, atomic_write_json, home
 
 
@@ -702,16 +707,35 @@ def _manifest(b: Benchmark, data, source: str, source_files: dict[str, str], war
     }
 
 
+def _remove_stale_temporaries(root: Path, name: str) -> None:
+    """Delete the temp folders a killed import of `name` left: exactly `util.atomic_dir`'s names
+    (`.NAME.` + 8 of mkdtemp's characters + `.tmp`), real folders, not links. Called with the
+    import lock held; every import makes its temp folder under that lock, so none of these
+    belongs to a live process."""
+    ours = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
+    for entry in os.scandir(root):
+        if ours.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def _store(b: Benchmark, imported: _Imported, source: str, source_files: dict[str, str]) -> dict:
     data = {config: imported.data[config] for config in sorted(imported.data)}
     warn = imported.warnings + _count_warnings(b, _counts(data))
     files = _serialise(data)
     man = _manifest(b, data, source, source_files, warn, files)
-    with atomic_dir(store_root() / b.name) as tmp:
-        for rel, blob in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(blob)
-        atomic_write_json(tmp / "manifest.json", man)
+    root = store_root()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock.acquire(root / f".{b.name}.lock", blocking=True)  # a concurrent import waits its turn
+    try:
+        lock.record(f"hmst-bench import of {b.name}\n")
+        _remove_stale_temporaries(root, b.name)
+        with atomic_dir(root / b.name) as tmp:
+            for rel, blob in files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(blob)
+            atomic_write_json(tmp / "manifest.json", man)
+    finally:
+        lock.remove()  # the store keeps no lock files; a waiting import then locks a fresh one
     for message in warn:
         warnings.warn(message, StoreWarning, stacklevel=3)
     return man

@@ -199,7 +199,8 @@ class TrainContext:
         self.last_val = state.get("last_val", {})
         self.extra_state = state.get("extra", {})
         self._t0 = time.time()
-        MetricsLog(self.run_dir).truncate_after(self.step, stage=self.stage)
+        if self.accelerator.is_main_process:  # only the main process writes the run directory
+            MetricsLog(self.run_dir).truncate_after(self.step, stage=self.stage)
         return self.extra_state
 
     # ------------------------------------------------------------------ stepping

@@ -10,12 +10,17 @@
     -> final validation, weights, artifacts and run.json (status complete)
 
 SIGINT/SIGTERM end the current step, write a checkpoint and mark the run `interrupted`; a
-NaN/inf loss stops with `TrainingDiverged`, keeping the last good checkpoint.
+NaN/inf loss stops with `TrainingDiverged`, keeping the last good checkpoint. A session first
+claims `--out` (`_claim`): a folder holding files hmst-bench did not write is refused, and the
+folder is locked for the session, so a second `train` into it is refused naming the first's pid.
+`--resume` of a complete run raises `RunComplete` and changes nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import math
 import os
 import signal
 import time
@@ -26,7 +31,7 @@ from typing import Any, Callable, Optional
 from hmst_bench.arch import ConfigError, config_from_dict, config_hash, config_to_dict
 from hmst_bench.budget import BudgetMeter, parse_budget
 from hmst_bench.train import rundir
-from hmst_bench.train.checkpoint import read_trainer_state
+from hmst_bench.train.checkpoint import CheckpointDamaged, read_trainer_state
 from hmst_bench.train.context import LossModule, Recipe, TrainContext, TrainingDiverged, make_optimizer
 
 DEFAULTS = {"size": "tiny", "corpus": "stdlib-code"}
@@ -34,6 +39,19 @@ DEFAULTS = {"size": "tiny", "corpus": "stdlib-code"}
 
 class TrainError(ValueError):
     """A user mistake found before or while training; the message says what to do."""
+
+
+class RunComplete(Exception):
+    """`--resume` of a run that is already complete: there is nothing to do and nothing was
+    changed. `info` is its run.json."""
+
+    def __init__(self, message: str, info: dict):
+        super().__init__(message)
+        self.info = info
+
+
+# errors of a write that failed for lack of room or permission, not for a bug
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 @dataclass
@@ -344,18 +362,73 @@ def start_budget(ctx: TrainContext, flops_per_step: float, segments: int = 1) ->
 
 
 def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]] = None) -> dict:
-    """Run (or resume) training; returns run.json's content. Raises TrainError / TrainingDiverged.
-    A start that fails before its first checkpoint leaves no trace (see `_roll_back`)."""
+    """Run (or resume) training; returns run.json's content. Raises TrainError / TrainingDiverged,
+    or RunComplete for `--resume` of a complete run. A start that fails before its first
+    checkpoint leaves no trace (see `_roll_back`), and a failed session never deletes a file it
+    did not create."""
     if settings.out is None:
         raise TrainError("--out is required")
+    if settings.lr is not None and not (math.isfinite(settings.lr) and settings.lr > 0):
+        raise TrainError(f"--lr must be a positive finite number, e.g. --lr 1e-3 (got {settings.lr})")
     out = Path(settings.out)
     new_folder = not out.exists()
+    lock = None
     try:
+        lock = _claim(out, settings)
         return _train(settings, progress)
-    except BaseException:
+    except BaseException as exc:
+        if lock is not None and lock.created:
+            # the marker goes with the session that created it: a refused start leaves the folder
+            # as it was, and a run that keeps files is still marked by its run.json
+            lock.remove()
         if new_folder and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+        if isinstance(exc, CheckpointDamaged):  # found on resume: one line, the file kept
+            raise TrainError(str(exc)) from None
         raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(out: Path, settings: TrainSettings):
+    """Make sure `out` is this run's to write, then lock it for the session (rank 0 only; the
+    other ranks of a data-parallel launch write nothing). Returns the lock (None off rank 0).
+
+    - a new run (or stage) needs `out` absent, empty or a run's own (`rundir.foreign_entries`);
+    - `--resume` needs a run.json hmst-bench wrote, and ends here if the run is complete (after
+      checking the flags against the record): no corpus is read and nothing is written, not even
+      the lock file, so there is no lock to take;
+    - a live process holding the lock refuses the session, naming its pid; a dead one's lock is
+      gone with it (flock)."""
+    if settings.resume and settings.init_from is None:  # with --init-from, _resolve refuses the pair
+        try:
+            info = rundir.read_info(out)
+        except rundir.RunError as exc:
+            raise TrainError(f"cannot resume: {exc}") from None
+        if not rundir.is_run_info(info):
+            raise TrainError(f"cannot resume: {out}/{rundir.RUN_FILE} was not written by hmst-bench; choose the run's own --out")
+        if info.get("status") == "complete":
+            from hmst_bench.plugins import get_registry
+
+            _resolve(settings, get_registry())  # flags that differ from the record are still refused
+            stage = f" stage {info['stage']}" if info.get("stage") else ""
+            raise RunComplete(f"{out}{stage} is already complete ({info.get('steps')} steps, budget {info.get('budget')} reached); "
+                              "nothing to resume and nothing was changed", info)
+    else:
+        foreign = rundir.foreign_entries(out)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise TrainError(f"{out} holds files hmst-bench did not write ({shown}); choose another --out or empty it")
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return rundir.lock_run(out)
+    except rundir.RunBusy as exc:
+        raise TrainError(str(exc)) from None
+    except OSError as exc:
+        raise TrainError(f"cannot write to {out} ({exc.strerror}); choose a writable --out") from None
 
 
 def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]]) -> dict:
@@ -438,7 +511,7 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
         save_every=save_every, eval_every=eval_every, log_every=max(1, settings.log_every), val_tokens=settings.val_tokens,
         on_progress=progress or (lambda ctx: None),
     )
-    if recorded is not None and not ctx.resuming:  # killed before its first checkpoint: start over
+    if recorded is not None and not ctx.resuming and accelerator.is_main_process:  # killed before its first checkpoint: start over
         rundir.MetricsLog(out).truncate_after(0, stage=choices["stage"])
 
     info = dict(base or {})
@@ -502,12 +575,19 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
         runner(ctx)
     except BaseException as exc:
         started_fresh = recorded is None
-        if started_fresh and checkpoint_stage(out) != (choices["stage"] or "") and accelerator.is_main_process:
-            _roll_back(out, previous, choices["stage"])  # nothing worth keeping was written
+        rolled_back = False
+        if started_fresh and _stage_or_none(out) != (choices["stage"] or "") and accelerator.is_main_process:
+            rolled_back = True
+            try:
+                _roll_back(out, previous, choices["stage"])  # nothing worth keeping was written
+            except OSError:  # e.g. the disk that stopped the run is full: what a kill would leave
+                pass
             if isinstance(exc, TrainingDiverged):
                 exc.args = (f"{exc}; nothing was kept; start a new run with a lower --lr",)
         elif isinstance(exc, TrainingDiverged):
             _report_divergence(exc, record, out)
+        if _write_errno(exc) is not None:
+            raise TrainError(_write_failure(exc, out, rolled_back)) from None
         raise
     finally:
         _restore_signal_handlers(handlers)
@@ -534,8 +614,45 @@ def _load_init(model, run: Path) -> None:
             raise TrainError(f"cannot start from {run}: cannot load the model's artifacts: {exc}") from None
 
 
+def _write_errno(exc: BaseException) -> Optional[int]:
+    """The errno of a write that failed for lack of room or permission (disk full, quota, file
+    size limit, read-only or failing disk), also when a library (safetensors) reports it as
+    text; None for any other error."""
+    import re
+
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and type(exc).__name__ == "SafetensorError":
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    return code if code in WRITE_ERRNOS else None
+
+
+def _write_failure(exc: BaseException, out: Path, rolled_back: bool) -> str:
+    """One line for a session stopped by a failed write: what failed, what survived, the fix."""
+    code = _write_errno(exc)
+    fix = "free some space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
+    if rolled_back:
+        return f"cannot write to {out}: {os.strerror(code)}; nothing was kept; {fix} and start the run again"
+    try:
+        kept = ckpt_step(out)
+    except CheckpointDamaged:
+        kept = None
+    keep = f"the last good checkpoint (step {kept}) is kept in {out}/state" if kept is not None else "no checkpoint was written"
+    return f"cannot write to {out}: {os.strerror(code)}; {keep}; {fix} and continue with `hmst-bench train --resume --out {out}`"
+
+
+def _stage_or_none(out: Path) -> Optional[str]:
+    try:
+        return checkpoint_stage(out)
+    except CheckpointDamaged:
+        return None
+
+
 def _report_divergence(exc: TrainingDiverged, record, out: Path) -> None:
-    record("failed", error=str(exc))
+    try:
+        record("failed", error=str(exc))
+    except OSError:  # the run.json update is lost, not the checkpoint or the reason
+        pass
     kept = ckpt_step(out)
     exc.args = (f"{exc}; " + (f"the last good checkpoint (step {kept}) is kept in {out}/state" if kept is not None else "no checkpoint was written")
                 + "; start a new run with a lower --lr",)

@@ -6,8 +6,12 @@
     RUN/model.safetensors   weights; RUN/model_config.json the config dataclass as JSON
     RUN/state/              optimiser, scheduler, RNG, meter and data position for an exact resume
     RUN/<artifacts>         the model's save_artifacts (non-weight state) and export (dense baselines: RUN/hf/)
+    RUN/.hmst-bench.lock    written first by every `train` session: marks the folder as a run's
+                            own, and is locked (flock) by the process writing the run
 
-Every file is replaced atomically; a killed process leaves the previous version whole.
+Every file is replaced atomically; a killed process leaves the previous version whole. A run
+directory belongs to its run: hmst-bench writes only into a folder that is empty, absent, marked
+by LOCK_FILE or holding a run.json hmst-bench wrote (runs from before the marker).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hmst_bench.locking import FileLock, Locked
 from hmst_bench.util import atomic_save, atomic_write, atomic_write_json
 
 RUN_FILE = "run.json"
@@ -28,6 +34,8 @@ METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
 STATE_DIR = "state"
+LOCK_FILE = ".hmst-bench.lock"
+LOCK_TEXT = "hmst-bench run directory: this folder belongs to its run; locked (flock) while a process writes it\n"
 
 
 class RunError(ValueError):
@@ -48,12 +56,67 @@ def write_info(run_dir: str | Path, info: dict) -> None:
     atomic_write_json(Path(run_dir) / RUN_FILE, info)
 
 
-def save_weights(run_dir: str | Path, model, config_dict: dict) -> None:
-    """Weights as safetensors (shared tensors stored once) and the config as JSON."""
+def is_run_info(info: Any) -> bool:
+    """Whether a parsed run.json looks written by hmst-bench (every run.json has these fields)."""
+    return isinstance(info, dict) and isinstance(info.get("arch"), str) and isinstance(info.get("config"), dict)
+
+
+def foreign_entries(run_dir: str | Path) -> list[str]:
+    """The entries that make `run_dir` someone else's folder: none when it is absent, empty,
+    marked by LOCK_FILE (every session writes it first) or holds a run.json hmst-bench wrote;
+    otherwise the names of its entries (sorted), which a new run must not overwrite or delete."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    names = sorted(p.name for p in run_dir.iterdir())
+    if not names or LOCK_FILE in names:
+        return []
+    try:
+        if is_run_info(json.loads((run_dir / RUN_FILE).read_text())):
+            return []
+    except (OSError, ValueError):  # absent, unreadable or not JSON: not ours
+        pass
+    return names
+
+
+class RunBusy(RunError):
+    """Another live process is writing the run directory."""
+
+
+def lock_run(run_dir: str | Path) -> FileLock:
+    """Mark `run_dir` (an existing folder) as a run's own and lock it for this process: the lock
+    is held until `release()` or the process ends (flock: a killed holder leaves no stale lock).
+    Raises RunBusy naming the holder's pid (from /proc/locks), or OSError when the folder cannot be written."""
+    try:
+        lock = FileLock.acquire(Path(run_dir) / LOCK_FILE)
+    except Locked as exc:
+        who = f"pid {exc.pid}" if exc.pid else "another process"
+        raise RunBusy(f"{run_dir} is in use by {who} (an hmst-bench train writing it); wait for it to finish, "
+                      "stop it, or choose another --out") from None
+    if lock.created:  # written once; a later session (refused or not) leaves the file as it is
+        os.pwrite(lock.fd, LOCK_TEXT.encode(), 0)
+    return lock
+
+
+def save_model_file(model, path: str | Path) -> None:
+    """The model's weights as safetensors (shared tensors stored once). A failed write raises
+    the OSError it is (safetensors reports "No space left on device" only as text)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
+    try:
+        save_model(model, str(path))
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def save_weights(run_dir: str | Path, model, config_dict: dict) -> None:
+    """Weights as safetensors (shared tensors stored once) and the config as JSON."""
     run_dir = Path(run_dir)
-    atomic_save(run_dir / WEIGHTS_FILE, lambda p: save_model(model, p))
+    atomic_save(run_dir / WEIGHTS_FILE, lambda p: save_model_file(model, p))
     atomic_write_json(run_dir / CONFIG_FILE, config_dict)
 
 
