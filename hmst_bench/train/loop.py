@@ -401,7 +401,12 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
     AcceleratorState._reset_state()  # a second train() in one process may use another precision
     accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
     torch.manual_seed(recipe.seed)
-    model = spec.build(config, tok)
+    try:
+        model = spec.build(config, tok)
+    except (Exception, SystemExit) as exc:  # the plugin's own code: one line naming it, as for any plugin failure
+        from hmst_bench.plugins import describe_error
+
+        raise TrainError(f"{spec.name} ({spec.distribution or 'plugin'}): build() failed: {describe_error(exc)}") from None
     _check_contract(spec, model)
     stage_ckpt = checkpoint_stage(out)
     resuming = settings.resume and stage_ckpt is not None and stage_ckpt == (choices["stage"] or "")
