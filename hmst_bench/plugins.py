@@ -121,6 +121,7 @@ class _Guard:
         self.timeout = timeout
         self.sigint = False  # a SIGINT was delivered while plugin code ran
         self.timed_out = False
+        self._ctrl_c_interrupts = False
         self._saved: dict = {}
         self._t0 = 0.0
 
@@ -135,6 +136,9 @@ class _Guard:
         if threading.current_thread() is not threading.main_thread():
             return self
         previous = signal.getsignal(signal.SIGINT)
+        # a Ctrl-C interrupts only under Python's own handler; a handler of the caller's (the
+        # trainer's "finish the step") is called as before and keeps its meaning
+        self._ctrl_c_interrupts = previous is signal.default_int_handler
         if callable(previous):  # SIG_IGN / SIG_DFL: no KeyboardInterrupt can come from a real Ctrl-C
 
             def on_sigint(signum, frame):
@@ -165,7 +169,7 @@ class _Guard:
     def settle(self, exc: Optional[BaseException]) -> Optional[str]:
         """After the guarded block: re-raise a real Ctrl-C (whatever the plugin made of it, even
         if it swallowed it); otherwise the failure text for `exc`, or None if there was none."""
-        if self.sigint:
+        if self.sigint and (self._ctrl_c_interrupts or isinstance(exc, KeyboardInterrupt)):
             if isinstance(exc, KeyboardInterrupt):
                 raise exc
             raise KeyboardInterrupt from exc

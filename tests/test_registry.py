@@ -360,3 +360,16 @@ def test_plugin_commands_cannot_replace_existing_ones():
         "replaces": "command 'plugins' exists already; a plugin cannot replace it",
         "exits": "SystemExit: the plugin called sys.exit(2)",
     }
+
+
+def test_a_callers_own_sigint_handler_keeps_its_meaning():
+    """Under a handler that only takes note (the trainer's "finish the step"), a SIGINT while a
+    plugin loads neither fails the plugin nor raises."""
+    noted = []
+    previous = signal.signal(signal.SIGINT, lambda *a: noted.append(1))
+    try:
+        reg = Registry(strict=False)
+        assert reg.add_plugin(_hook_plugin(lambda: os.kill(os.getpid(), signal.SIGINT)), name="p")
+        assert noted == [1] and list(reg.architectures()) == ["toy"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
