@@ -87,7 +87,7 @@ def _is_main_process() -> bool:
              epilog="Plugins may add commands of their own; `hmst-bench plugins` lists the installed plugins.")
 @click.version_option(__version__, prog_name="hmst-bench")
 @click.option("--strict", is_flag=True, envvar="HMST_BENCH_STRICT",
-              help="Fail if any plugin fails to load (also HMST_BENCH_STRICT=1).")
+              help="Fail if any plugin fails to load, or if training runs ops the FLOP counter cannot see (also HMST_BENCH_STRICT=1).")
 def cli(strict: bool) -> None:
     """Train architectures to a measured FLOPs budget and compare them with dense baselines."""
 
@@ -235,7 +235,7 @@ def train(arch, budget, size, corpus, out, resume, seed, save_every, eval_every,
         arch=arch, budget=budget, out=out, size=size, corpus=corpus, resume=resume, tokenizer=tokenizer,
         init_from=init_from, overrides=_parse_sets(sets, arch or _recorded_arch(init_from) or _recorded_arch(out)), stage=stage, seed=seed, batch_size=batch_size,
         seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup=warmup, mixed_precision=mixed_precision,
-        save_every=save_every, eval_every=eval_every,
+        save_every=save_every, eval_every=eval_every, strict=_strict(),
     )
     info = run_training(settings)
     if as_json and _is_main_process():
@@ -269,8 +269,12 @@ def run_training(settings) -> dict:
 
     from hmst_bench.train.loop import train as train_fn
 
+    def warn(message: str) -> None:  # e.g. ops the FLOP counter cannot see; one line, above the progress bar
+        if main_process:
+            err.print(f"[yellow]warning[/]: {message}", highlight=False, soft_wrap=True)
+
     try:
-        info = train_fn(settings, progress=update)
+        info = train_fn(settings, progress=update, warn=warn)
     except (TrainError, TrainingDiverged) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -327,7 +331,8 @@ def demo(out, budget, as_json) -> None:
     out = out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     err.print(f"[bold]hmst-bench demo[/]: dense-llama tiny, budget {budget} FLOPs, corpus stdlib-code -> {out}")
     _registry()
-    info = run_training(TrainSettings(arch="dense-llama", size="tiny", budget=budget, corpus="stdlib-code", out=out))
+    info = run_training(TrainSettings(arch="dense-llama", size="tiny", budget=budget, corpus="stdlib-code", out=out,
+                                      strict=_strict()))
     if as_json and _is_main_process():
         _emit_json(info)
 
