@@ -151,8 +151,7 @@ class _Guard:
 
             def on_alarm(signum, frame):
                 self.timed_out = True
-                raise _PluginTimeout(f"did not finish within {self.timeout:g} s (HMST_BENCH_PLUGIN_TIMEOUT); "
-                                     "its import was interrupted")
+                raise _PluginTimeout(self.timeout_message())
 
             self._saved[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
@@ -166,6 +165,9 @@ class _Guard:
         self._saved = {}
         return False
 
+    def timeout_message(self) -> str:
+        return f"did not finish within {self.timeout:g} s (HMST_BENCH_PLUGIN_TIMEOUT) and was interrupted"
+
     def settle(self, exc: Optional[BaseException]) -> Optional[str]:
         """After the guarded block: re-raise a real Ctrl-C (whatever the plugin made of it, even
         if it swallowed it); otherwise the failure text for `exc`, or None if there was none."""
@@ -176,7 +178,7 @@ class _Guard:
         if exc is None:
             return None
         if self.timed_out and not isinstance(exc, _PluginTimeout):  # the plugin turned our alarm into something else
-            return f"did not finish within {self.timeout:g} s (HMST_BENCH_PLUGIN_TIMEOUT); its import was interrupted"
+            return self.timeout_message()
         return describe_error(exc)
 
 
