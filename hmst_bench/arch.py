@@ -47,6 +47,10 @@ class LanguageModel(Protocol):
     - `num_active_params() -> int`: parameters touched per token (MoE); default all parameters.
     - `extra_flops(batch) -> float`: forward+backward FLOPs of ops FlopCounterMode cannot see
       (e.g. a hand-written selective scan), added to every measurement.
+    - `extra_flops_covers: tuple[str, ...]`: the executed ops without a FLOP formula whose cost
+      `extra_flops` accounts for, as names or glob patterns ("aten.mkldnn_rnn_layer*",
+      "mylib.scan"). The meter lists such ops that carry arithmetic (`budget.uncounted_work`);
+      `train` warns about (and under --strict refuses) any not covered here.
     - `save_artifacts(dir)` / `load_artifacts(dir)`: model state that is not in the weights (a
       FAISS store, a Huffman tree); saved inside every checkpoint (atomically, with the weights
       of the same step) and at the top of the run directory for `load_run`.

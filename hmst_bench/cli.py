@@ -2,7 +2,9 @@
 
 Human output (tables, progress) goes to stderr through rich; `--json` puts machine-readable
 output on stdout. User mistakes end in one line (click.ClickException), never a traceback.
-Nothing heavy is imported at start-up: `hmst-bench --help` loads plugins but not torch.
+Nothing heavy is imported at start-up, and plugins are loaded only by the commands that need
+them (train, demo, eval, lm-eval, list, plugins, and a command a plugin adds): `data ...`,
+`score-code`, `--help` and `--version` never wait on a plugin's import (see plugins.py).
 Also runnable as `python -m hmst_bench.cli` (e.g. under `accelerate launch -m hmst_bench.cli`).
 """
 
@@ -20,13 +22,52 @@ from hmst_bench import __version__
 err = Console(stderr=True)
 
 
+def _strict() -> bool:
+    """--strict (or HMST_BENCH_STRICT=1) as given to the running command line."""
+    from hmst_bench.plugins import env_flag
+
+    ctx = click.get_current_context(silent=True)
+    flag = ctx.find_root().params.get("strict") if ctx is not None else None
+    return bool(flag) or env_flag("HMST_BENCH_STRICT")
+
+
 def _registry():
-    from hmst_bench.plugins import PluginLoadError, get_registry
+    """The plugin registry, loaded on first use; under --strict any failed plugin is one error line.
+    Plugins that took long to load are named once on stderr: every such command waits for them."""
+    from hmst_bench.plugins import SLOW_SECONDS, PluginLoadError, get_registry
 
     try:
-        return get_registry()
+        registry = get_registry()
     except PluginLoadError as exc:
         raise click.ClickException(str(exc)) from None
+    if _strict() and registry.failures:
+        f = registry.failures[0]
+        raise click.ClickException(f"plugin {f.name} ({f.distribution}) failed: {f.error}")
+    if not getattr(registry, "slow_reported", False):
+        registry.slow_reported = True
+        for p in registry.slow():
+            err.print(f"[yellow]warning[/]: plugin {p.name} ({p.distribution}) took {p.seconds:.1f} s to load "
+                      f"(more than {SLOW_SECONDS:g} s); every command that loads plugins waits for it. Set "
+                      "HMST_BENCH_PLUGINS to the plugins you need, or make it import heavy modules lazily",
+                      highlight=False, soft_wrap=True)
+    return registry
+
+
+class _Group(click.Group):
+    """The top-level group. Plugin commands are looked up only when a name is not built in, so
+    built-in commands and `--help` never load plugins (`--help` lists the built-in commands)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str):
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            registry = _registry()
+            if not registry.commands_registered:
+                registry.register_commands(self)
+                if _strict() and registry.failures:
+                    f = registry.failures[0]
+                    raise click.ClickException(f"plugin {f.name} ({f.distribution}) failed: {f.error}")
+            command = super().get_command(ctx, cmd_name)
+        return command
 
 
 def _emit_json(obj) -> None:
@@ -42,16 +83,13 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Plugins may add commands of their own; `hmst-bench plugins` lists the installed plugins.")
 @click.version_option(__version__, prog_name="hmst-bench")
-@click.option("--strict", is_flag=True, envvar="HMST_BENCH_STRICT", help="Fail if any plugin fails to load (also HMST_BENCH_STRICT=1).")
-@click.pass_context
-def cli(ctx: click.Context, strict: bool) -> None:
+@click.option("--strict", is_flag=True, envvar="HMST_BENCH_STRICT",
+              help="Fail if any plugin fails to load, or if training runs ops the FLOP counter cannot see (also HMST_BENCH_STRICT=1).")
+def cli(strict: bool) -> None:
     """Train architectures to a measured FLOPs budget and compare them with dense baselines."""
-    registry = _registry()
-    if strict and registry.failures:
-        f = registry.failures[0]
-        raise click.ClickException(f"plugin {f.name} ({f.distribution}) failed: {f.error}")
 
 
 @cli.command()
@@ -61,11 +99,12 @@ def plugins(as_json: bool) -> None:
     registry = _registry()
     rows = [
         {"name": p.name, "distribution": p.distribution, "version": p.version, "hooks": p.hooks,
-         "architectures": p.architectures, "suites": p.suites, "status": "ok", "error": None}
+         "architectures": p.architectures, "suites": p.suites, "status": "ok", "error": None,
+         "seconds": round(p.seconds, 3)}
         for p in registry.plugins.values()
     ] + [
         {"name": f.name, "distribution": f.distribution, "version": None, "hooks": [], "architectures": [],
-         "suites": [], "status": "failed", "error": f.error}
+         "suites": [], "status": "failed", "error": f.error, "seconds": round(f.seconds, 3)}
         for f in registry.failures
     ]
     if as_json:
@@ -74,12 +113,12 @@ def plugins(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title="hmst-bench plugins")
-    for col in ("plugin", "distribution", "version", "provides", "status"):
-        table.add_column(col)
+    for col in ("plugin", "distribution", "version", "provides", "load s", "status"):
+        table.add_column(col, justify="right" if col == "load s" else "left")
     for r in rows:
         provides = ", ".join(r["architectures"] + [f"suite:{s}" for s in r["suites"]]) or "-"
         status = "[green]ok[/]" if r["status"] == "ok" else f"[red]failed[/]: {r['error']}"
-        table.add_row(r["name"], r["distribution"], r["version"] or "-", provides, status)
+        table.add_row(r["name"], r["distribution"], r["version"] or "-", provides, f"{r['seconds']:.2f}", status)
     err.print(table)
 
 
@@ -185,6 +224,7 @@ def train(arch, budget, size, corpus, out, resume, seed, save_every, eval_every,
         raise click.UsageError("--budget is required, e.g. --budget 1e15 (FLOPs) or --budget 20Mtok")
     if tokenizer is not None and not (tokenizer / "tokenizer.json").exists():
         raise click.BadParameter(f"{tokenizer} has no tokenizer.json; give a run directory", param_hint="--tokenizer")
+    _registry()  # loads the plugins: under --strict a failed one stops here, before anything is written
     if out is None:
         import os
 
@@ -195,7 +235,7 @@ def train(arch, budget, size, corpus, out, resume, seed, save_every, eval_every,
         arch=arch, budget=budget, out=out, size=size, corpus=corpus, resume=resume, tokenizer=tokenizer,
         init_from=init_from, overrides=_parse_sets(sets, arch or _recorded_arch(init_from) or _recorded_arch(out)), stage=stage, seed=seed, batch_size=batch_size,
         seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup=warmup, mixed_precision=mixed_precision,
-        save_every=save_every, eval_every=eval_every,
+        save_every=save_every, eval_every=eval_every, strict=_strict(),
     )
     info = run_training(settings)
     if as_json and _is_main_process():
@@ -230,8 +270,12 @@ def run_training(settings) -> dict:
     from hmst_bench.train.loop import RunComplete
     from hmst_bench.train.loop import train as train_fn
 
+    def warn(message: str) -> None:  # e.g. ops the FLOP counter cannot see; one line, above the progress bar
+        if main_process:
+            err.print(f"[yellow]warning[/]: {message}", highlight=False, soft_wrap=True)
+
     try:
-        info = train_fn(settings, progress=update)
+        info = train_fn(settings, progress=update, warn=warn)
     except RunComplete as done:  # --resume of a finished run: say so, change nothing, succeed
         if main_process:
             click.echo(str(done), err=True)
@@ -291,7 +335,9 @@ def demo(out, budget, as_json) -> None:
 
     out = out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     err.print(f"[bold]hmst-bench demo[/]: dense-llama tiny, budget {budget} FLOPs, corpus stdlib-code -> {out}")
-    info = run_training(TrainSettings(arch="dense-llama", size="tiny", budget=budget, corpus="stdlib-code", out=out))
+    _registry()
+    info = run_training(TrainSettings(arch="dense-llama", size="tiny", budget=budget, corpus="stdlib-code", out=out,
+                                      strict=_strict()))
     if as_json and _is_main_process():
         _emit_json(info)
 
@@ -640,6 +686,8 @@ def lm_eval_cmd(args) -> None:
 
     argv = list(args)
     wants_help = bool({"-h", "--help"} & set(argv))
+    if not wants_help:
+        _registry()  # the hmst-bench model opens runs of plugin architectures
     given = any(a == "--include_path" or a.startswith("--include_path=") for a in argv)
     if argv and not wants_help and not given and (argv[0] in {"run", "ls", "validate"} or argv[0].startswith("-")):
         argv += ["--include_path", str(hmst_bench_suites.HERE)]
@@ -648,14 +696,7 @@ def lm_eval_cmd(args) -> None:
 
 
 def main() -> None:
-    """Console entry point: plugin commands are added before click parses the command line."""
-    from hmst_bench.plugins import PluginLoadError, get_registry
-
-    try:
-        get_registry().register_commands(cli)
-    except PluginLoadError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+    """Console entry point."""
     cli(prog_name="hmst-bench")
 
 

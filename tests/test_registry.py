@@ -1,9 +1,13 @@
-"""The plugin registry in-process: registration, isolation of failures, duplicates, strict mode,
-config dataclass rules, and that start-up stays free of torch."""
+"""The plugin registry in-process: registration, isolation of failures (exceptions, sys.exit,
+KeyboardInterrupt, hangs; a real Ctrl-C still interrupts), duplicates, strict mode, config
+dataclass rules, and that start-up stays free of torch."""
 
 import dataclasses
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -202,3 +206,170 @@ def test_builtin_suites_are_listed():
     assert listed["mmlu_virology"]["distribution"] == "hmst-bench"
     table = run_cli("list", "suites", env={"COLUMNS": "200"}).stderr
     assert "mmlu_<subject>" in table and "mmlu_virology" not in table and "gsm8k" in table
+
+
+# ----------------------------------------------------------------------------- hostile plugin code
+
+
+def _hook_plugin(body):
+    """A plugin whose register_architectures hook runs `body()` and then registers `toy`."""
+
+    class Plugin:
+        @hookimpl
+        def register_architectures(self, register):
+            body()
+            register(toy_spec())
+
+    return Plugin()
+
+
+def _exit():
+    sys.exit(3)
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+def _generator_exit():
+    raise GeneratorExit
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [(_exit, "SystemExit: the plugin called sys.exit(3)"), (_interrupt, "KeyboardInterrupt raised by the plugin itself"),
+     (_generator_exit, "GeneratorExit")],
+)
+def test_base_exceptions_from_a_hook_are_recorded_not_raised(body, needle):
+    reg = Registry(strict=False)
+    reg.add_plugin(GoodPlugin(), name="good")
+    assert not reg.add_plugin(_hook_plugin(body), name="hostile", distribution="hostile-dist")
+    assert [f.name for f in reg.failures] == ["hostile"] and needle in reg.failures[0].error
+    assert list(reg.architectures()) == ["toy"] and not reg.pm.has_plugin("hostile")
+    with pytest.raises(PluginLoadError, match="hostile.*" + needle.split(":")[0]):
+        Registry(strict=True).add_plugin(_hook_plugin(body), name="hostile")
+
+
+def _real_sigint():
+    os.kill(os.getpid(), signal.SIGINT)  # delivered like a Ctrl-C
+    time.sleep(5)  # the handler interrupts this
+
+
+def _sigint_turned_into_import_error():
+    try:
+        _real_sigint()
+    except KeyboardInterrupt:
+        raise ImportError("optional dependency missing") from None
+
+
+def _sigint_swallowed():
+    try:
+        _real_sigint()
+    except KeyboardInterrupt:
+        pass
+
+
+@pytest.mark.parametrize("body", [_real_sigint, _sigint_turned_into_import_error, _sigint_swallowed])
+def test_a_real_sigint_while_a_plugin_loads_interrupts(body):
+    """A SIGINT delivered while plugin code runs is the user's Ctrl-C, whatever the plugin does
+    with it; the handler that was there before is back afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+    reg = Registry(strict=False)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        reg.add_plugin(_hook_plugin(body), name="p")
+    assert time.monotonic() - t0 < 4
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not reg.failures
+
+
+def _hang():
+    time.sleep(60)
+
+
+def _hang_and_hide_the_alarm():
+    try:
+        time.sleep(60)
+    except BaseException:  # a plugin that turns everything into its own error
+        raise ValueError("something else") from None
+
+
+@pytest.mark.parametrize("body", [_hang, _hang_and_hide_the_alarm])
+def test_a_hanging_hook_is_interrupted_at_the_time_limit(body):
+    before = signal.getsignal(signal.SIGALRM)
+    reg = Registry(strict=False, timeout=0.5)
+    reg.add_plugin(GoodPlugin(), name="good")
+    t0 = time.monotonic()
+    assert not reg.add_plugin(_hook_plugin(body), name="slow", distribution="slow-dist")
+    assert time.monotonic() - t0 < 5
+    assert "did not finish within 0.5 s (HMST_BENCH_PLUGIN_TIMEOUT)" in reg.failures[0].error
+    assert reg.failures[0].seconds >= 0.5
+    assert list(reg.architectures()) == ["toy"]
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def test_time_limit_leaves_a_running_timer_alone():
+    """Someone else's SIGALRM timer (pytest-timeout, say) is neither replaced nor cancelled."""
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30)
+        reg = Registry(strict=False, timeout=0.01)
+        assert reg.add_plugin(_hook_plugin(lambda: time.sleep(0.2)), name="p")  # no limit applied
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 30 and not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_plugin_commands_cannot_replace_existing_ones():
+    import click
+
+    @click.group()
+    def group():
+        pass
+
+    @group.command("plugins")
+    def real():
+        pass
+
+    class Adds:
+        @hookimpl
+        def register_commands(self, cli):
+            cli.command("extra")(lambda: None)
+
+    class Replaces:
+        @hookimpl
+        def register_commands(self, cli):
+            cli.command("mine")(lambda: None)
+            cli.command("plugins")(lambda: None)
+
+    class Exits:
+        @hookimpl
+        def register_commands(self, cli):
+            cli.command("half")(lambda: None)
+            sys.exit(2)
+
+    reg = Registry(strict=False)
+    for name, plugin in (("adds", Adds()), ("replaces", Replaces()), ("exits", Exits())):
+        assert reg.add_plugin(plugin, name=name)
+    reg.register_commands(group)
+    assert group.commands["plugins"] is real  # taken back, with everything else the failing plugin added
+    assert sorted(group.commands) == ["extra", "plugins"]
+    assert {f.name: f.error for f in reg.failures} == {
+        "replaces": "command 'plugins' exists already; a plugin cannot replace it",
+        "exits": "SystemExit: the plugin called sys.exit(2)",
+    }
+
+
+def test_a_callers_own_sigint_handler_keeps_its_meaning():
+    """Under a handler that only takes note (the trainer's "finish the step"), a SIGINT while a
+    plugin loads neither fails the plugin nor raises."""
+    noted = []
+    previous = signal.signal(signal.SIGINT, lambda *a: noted.append(1))
+    try:
+        reg = Registry(strict=False)
+        assert reg.add_plugin(_hook_plugin(lambda: os.kill(os.getpid(), signal.SIGINT)), name="p")
+        assert noted == [1] and list(reg.architectures()) == ["toy"]
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -81,6 +81,9 @@ class TrainSettings:
     eval_every: Optional[int] = None  # default 0: about five validations per run
     log_every: int = 10
     val_tokens: int = 32768
+    # --strict / HMST_BENCH_STRICT=1 (None: read the variable): refuse a model running ops the FLOP
+    # counter cannot see (budget.uncounted_work) that its extra_flops does not declare
+    strict: Optional[bool] = None
 
 
 RECIPE_FLAGS = {"seed": "--seed", "batch_size": "--batch-size", "seq_len": "--seq-len", "grad_accum": "--grad-accum",
@@ -361,11 +364,12 @@ def start_budget(ctx: TrainContext, flops_per_step: float, segments: int = 1) ->
     ctx.plan(steps * segments if ctx.budget.kind == "tokens" else steps)
 
 
-def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]] = None) -> dict:
+def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]] = None,
+          warn: Optional[Callable[[str], None]] = None) -> dict:
     """Run (or resume) training; returns run.json's content. Raises TrainError / TrainingDiverged,
     or RunComplete for `--resume` of a complete run. A start that fails before its first
     checkpoint leaves no trace (see `_roll_back`), and a failed session never deletes a file it
-    did not create."""
+    did not create. `warn(message)` shows a one-line warning (default: warnings.warn)."""
     if settings.out is None:
         raise TrainError("--out is required")
     if settings.lr is not None and not (math.isfinite(settings.lr) and settings.lr > 0):
@@ -375,7 +379,7 @@ def train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], N
     lock = None
     try:
         lock = _claim(out, settings)
-        return _train(settings, progress)
+        return _train(settings, progress, warn or _warn)
     except BaseException as exc:
         if lock is not None and lock.created:
             # the marker goes with the session that created it: a refused start leaves the folder
@@ -431,7 +435,25 @@ def _claim(out: Path, settings: TrainSettings):
         raise TrainError(f"cannot write to {out} ({exc.strerror}); choose a writable --out") from None
 
 
-def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]]) -> dict:
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, UncountedFlopsWarning, stacklevel=2)
+
+
+class UncountedFlopsWarning(UserWarning):
+    """The model ran ops the FLOP counter cannot see and its extra_flops does not declare."""
+
+
+def uncounted_message(spec, ops: list[str]) -> str:
+    """One line naming the ops and the hook that fixes it (the warning; --strict's error adds to it)."""
+    return (f"{spec.name} ({spec.distribution or 'plugin'}) runs {', '.join(ops)}, which the FLOP counter has no "
+            "formula for, so their compute is not charged to the budget; declare it in the model's extra_flops(batch) "
+            "and name the ops in its extra_flops_covers (docs/plugin-guide.md)")
+
+
+def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], None]],
+           warn: Callable[[str], None]) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -474,7 +496,12 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
     AcceleratorState._reset_state()  # a second train() in one process may use another precision
     accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
     torch.manual_seed(recipe.seed)
-    model = spec.build(config, tok)
+    try:
+        model = spec.build(config, tok)
+    except (Exception, SystemExit) as exc:  # the plugin's own code: one line naming it, as for any plugin failure
+        from hmst_bench.plugins import describe_error
+
+        raise TrainError(f"{spec.name} ({spec.distribution or 'plugin'}): build() failed: {describe_error(exc)}") from None
     _check_contract(spec, model)
     stage_ckpt = checkpoint_stage(out)
     resuming = settings.resume and stage_ckpt is not None and stage_ckpt == (choices["stage"] or "")
@@ -497,6 +524,17 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
     optimizer = make_optimizer(model, recipe)
     wrapped, optimizer = accelerator.prepare(LossModule(model), optimizer)
     meter = BudgetMeter(budget, world_size=accelerator.num_processes)
+    from hmst_bench.plugins import env_flag
+
+    strict = settings.strict if settings.strict is not None else env_flag("HMST_BENCH_STRICT")
+
+    def uncounted(ops: list[str]) -> None:  # first seen by a measurement (the probe, or a runner's step)
+        if strict:
+            raise TrainError(f"{uncounted_message(spec, ops)}; refused under --strict (HMST_BENCH_STRICT)")
+        if accelerator.is_main_process:
+            warn(uncounted_message(spec, ops))
+
+    meter.on_uncounted = uncounted
     if recorded is not None and recorded.get("training", {}).get("world_size") != accelerator.num_processes:
         raise TrainError(f"{out} was trained on {recorded['training'].get('world_size')} process(es), this resume "
                          f"has {accelerator.num_processes}; launch it the same way")
@@ -549,6 +587,7 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
             info["stage_data"] = ctx.data.describe()  # a stage runner trains on its own data
         info.update({
             "status": status, "achieved_flops": meter.flops, "tokens": meter.tokens, "steps": meter.steps,
+            "flops_uncounted_ops": sorted(meter.uncounted_ops), "flops_declared_ops": sorted(meter.declared_ops),
             "flops_per_step": fps, "flops_per_token": (meter.flops / meter.tokens) if meter.tokens else ((fps / tps) if fps else None),
             "planned_steps": ctx.total_steps, "wall_seconds": round(ctx.elapsed, 3),
             "final_train_loss": ctx.last_loss if meter.steps else None,
