@@ -324,22 +324,76 @@ def print_summary(info: dict, out) -> None:
 
 
 @cli.command()
-@click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/demo-<time>].")
-@click.option("--budget", default="1e13", show_default=True, help="Compute budget for the demo run (1e13 is about two minutes on 2 CPU cores).")
-@click.option("--json", "as_json", is_flag=True, help="Print run.json to stdout when done.")
-def demo(out, budget, as_json) -> None:
-    """Train dense-llama (tiny) on the embedded stdlib-code corpus for about two minutes."""
-    import time
+@click.option("--jobs", type=click.IntRange(min=1), default=2, show_default=True, help="Runs trained at once.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Report folder [default: results/demo].")
+def demo(jobs, out) -> None:
+    """Compare every registered architecture with dense-llama at three small budgets (experiments/demo.toml).
 
-    from hmst_bench.train.loop import TrainSettings
+    Trains each at size micro on the embedded synthetic-facts corpus, evaluates the suites that
+    need no download (longctx, factqa; more when their data is imported), and prints the
+    compute-matched comparison; about 10 minutes on 2 CPU cores. Runs go to runs/demo/ and
+    resume if interrupted; the report goes to results/demo/."""
+    from hmst_bench.experiment.demo import demo_file
 
-    out = out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    err.print(f"[bold]hmst-bench demo[/]: dense-llama tiny, budget {budget} FLOPs, corpus stdlib-code -> {out}")
-    _registry()
-    info = run_training(TrainSettings(arch="dense-llama", size="tiny", budget=budget, corpus="stdlib-code", out=out,
-                                      strict=_strict()))
-    if as_json and _is_main_process():
-        _emit_json(info)
+    _experiment(demo_file(_registry()), jobs, "local", False, out)
+
+
+@cli.group()
+def experiment() -> None:
+    """Experiments: architectures x budgets x seeds from a TOML file, trained, evaluated and compared."""
+
+
+@experiment.command("run")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Runs trained at once.")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: subprocesses here; slurm: submitted through submitit.")
+@click.option("--dry-run", is_flag=True, help="Print the plan, total FLOPs and estimated time; run nothing.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Report folder [default: results/<name>].")
+def experiment_run(file, jobs, executor, dry_run, out) -> None:
+    """Train and evaluate every run of FILE that is not done yet, then write the comparison report.
+
+    Runs go to runs/<name>/ (HMST_BENCH_RUNS/<name>): complete runs are skipped, interrupted ones
+    resumed, so running it again after a crash or Ctrl-C continues, and on a finished experiment
+    it only rewrites the report. See experiments/ and docs/experiments.md."""
+    _experiment(file, jobs, executor, dry_run, out)
+
+
+def _experiment(file, jobs, executor, dry_run, out) -> None:
+    from hmst_bench.experiment.command import run_experiment
+    from hmst_bench.experiment.spec import ExperimentError
+    from hmst_bench.report.collect import CompareError
+
+    try:
+        code = run_experiment(file, jobs, executor, dry_run, out, _registry(), err)
+    except (ExperimentError, CompareError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]: the runs checkpointed; continue with: hmst-bench experiment run {file}")
+        sys.exit(130)
+    if code:
+        sys.exit(code)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1)
+@click.option("--baseline", help="Label of the baseline [default: the experiment's, or the one dense-* run].")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Report folder [default: results/<experiment>].")
+@click.option("--allow-mismatch", is_flag=True, help="Compare runs with different tokenizer, corpus, seq length or suite options (the report says so).")
+@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Regenerate a report from its manifest.json and items.parquet alone.")
+def compare(runs, baseline, out, allow_mismatch, manifest) -> None:
+    """Compare runs against a baseline at equal compute: paired CIs, scaling fits, compute multipliers.
+
+    RUNS are run folders, globs ('runs/demo/*/*') or experiment folders. Reads run.json and
+    eval/*.json only, never a model, and writes README.md, table.csv, paired.csv, items.parquet,
+    manifest.json and plots to --out."""
+    from hmst_bench.experiment.command import compare_command
+    from hmst_bench.report.collect import CompareError
+
+    try:
+        compare_command(list(runs), baseline, out, allow_mismatch, manifest, err)
+    except CompareError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.group()
