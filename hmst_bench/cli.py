@@ -369,7 +369,8 @@ def _experiment(file, jobs, executor, dry_run, out) -> None:
     except (ExperimentError, CompareError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/]: the runs checkpointed; continue with: hmst-bench experiment run {file}")
+        err.print(f"\n[yellow]interrupted[/]: the running runs checkpointed; continue with: hmst-bench experiment run {file}",
+                  highlight=False, soft_wrap=True)
         sys.exit(130)
     if code:
         sys.exit(code)

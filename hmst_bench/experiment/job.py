@@ -36,7 +36,8 @@ def run_steps(steps: list, processes: int = 1) -> int:
     from hmst_bench.cli import cli
 
     for step in steps:
-        print(f"== {step['what']}: hmst-bench {' '.join(step['argv'])}", file=sys.stderr, flush=True)
+        shown = " ".join(step["argv"]) if step["kind"] == "cost" else "hmst-bench " + " ".join(step["argv"])
+        print(f"== {step['what']}: {shown}", file=sys.stderr, flush=True)
         if step["kind"] == "cost":
             from hmst_bench.report.cost import measure
 
