@@ -1,4 +1,5 @@
-# hmst-bench: `make demo` trains a dense baseline for about two minutes; `make test` runs the tests.
+# hmst-bench: `make demo` compares every architecture with dense-llama at three small budgets (about
+# 10 minutes on 2 CPU cores, report in results/demo/); `make test` runs the tests.
 # Both build .venv first, idempotently: torch (pinned below; pip picks the build for the platform)
 # before anything that depends on it, then the core, the baselines and every plugins/* distribution in editable mode.
 
@@ -21,8 +22,11 @@ $(STAMP): pyproject.toml baselines/pyproject.toml $(wildcard plugins/*/pyproject
 	$(PY) -m pip install --quiet -e ".[test]" -e baselines $(addprefix -e ,$(PLUGIN_DIRS))
 	touch $@
 
+# the demo's optional suites (MMLU, TruthfulQA) join when their data is in the store: imported here
+# from ../shared/data where that folder exists
 demo: $(STAMP)
-	$(VENV)/bin/hmst-bench demo
+	@for b in mmlu truthfulqa; do test ! -d "$(SHARED_DATA)/$$b" || $(VENV)/bin/hmst-bench data import $$b "$(SHARED_DATA)/$$b" >/dev/null 2>&1 || true; done
+	$(VENV)/bin/hmst-bench experiment run experiments/demo.toml --jobs 2
 
 # bubblewrap runs generated code (HumanEval, MBPP); installed from Debian where we may, else the
 # sandbox tests skip and `score-code`/`eval --suite humaneval` refuse with a one-line fix.
@@ -43,6 +47,7 @@ bench: $(STAMP) sandbox-tools
 	$(PY) benchmarks/hrm.py
 	$(PY) benchmarks/hmst.py
 	HMST_BENCH_SHARED_DATA="$(SHARED_DATA)" $(PY) benchmarks/sandbox_throughput.py
+	$(PY) benchmarks/experiment_overhead.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs results/demo .pytest_cache

@@ -51,11 +51,18 @@ def _die_with_parent() -> None:  # runs in the child before exec: SIGTERM when t
         pass
 
 
+def thread_env(jobs: int) -> dict:
+    """Each of `jobs` concurrent processes gets its share of the cores: N processes each starting
+    a full-width thread pool on the same cores slow each other down (unless the user chose)."""
+    share = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+    return {k: os.environ.get(k, share) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
 class LocalJob:
-    def __init__(self, plan: Plan, run: RunPlan):
+    def __init__(self, plan: Plan, run: RunPlan, jobs: int = 1):
         run.log.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(run.log, "ab")
-        env = {**os.environ, "TQDM_DISABLE": "1"}
+        env = {**os.environ, "TQDM_DISABLE": "1", **thread_env(jobs)}
         self.proc = subprocess.Popen([sys.executable, "-m", "hmst_bench.experiment.job", str(job_file(plan, run))],
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                      preexec_fn=_die_with_parent, start_new_session=True)
@@ -117,7 +124,14 @@ def run_jobs(plan: Plan, jobs: int, executor: str, show: Callable[[dict], None])
     (label/budget/seed -> "queued" | "running" | "done" | "failed" | "interrupted")."""
     pending = list(plan.pending)
     states = {r.key: "queued" for r in pending}
-    make = LocalJob if executor == "local" else (lambda p, r, ex=submitit_executor(plan): SubmititJob(ex, p, r))
+    if executor == "local":
+        def make(p, r):
+            return LocalJob(p, r, jobs)
+    else:
+        ex = submitit_executor(plan)
+
+        def make(p, r):
+            return SubmititJob(ex, p, r)
     running: dict = {}
     outcomes = []
     stopping = []
@@ -170,15 +184,19 @@ def write_experiment_json(plan: Plan) -> Path:
     """runs/<name>/experiment.json: what `compare` needs to know about this experiment's runs."""
     exp = plan.experiment
     path = plan.root / "experiment.json"
-    atomic_write_json(path, {
+    record = {
         "name": exp.name, "file": str(exp.path), "digest": exp.digest, "baseline": exp.baseline,
         "description": exp.description,
         "archs": [{"label": a.label, "arch": a.arch, "size": a.size, "set": a.sets, "stages": a.stages} for a in exp.archs],
         "budgets": list(exp.budgets), "seeds": list(exp.seeds), "corpus": exp.corpus, "seq_len": exp.seq_len,
         "suites": [{"name": s.name, "options": s.options, "metrics": list(s.metrics)} for s in plan.suites],
         "skipped_suites": [{"name": n, "reason": why} for n, why in plan.skipped_suites],
-        "runs": [{"label": r.label, "budget": r.budget, "seed": r.seed, "run": str(r.out)} for r in plan.runs],
-    })
+        # run folders relative to this file's folder, so the experiment can be moved or copied
+        "runs": [{"label": r.label, "budget": r.budget, "seed": r.seed, "path": r.out.relative_to(plan.root).as_posix()}
+                 for r in plan.runs],
+    }
+    if read_experiment_json(plan.root) != json.loads(json.dumps(record)):  # a finished experiment's rerun writes nothing
+        atomic_write_json(path, record)
     return path
 
 

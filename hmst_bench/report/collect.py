@@ -55,7 +55,7 @@ def _experiment_labels(run: Path) -> tuple[Optional[str], Optional[dict]]:
         except (OSError, ValueError):
             continue
         for r in exp.get("runs", []):
-            if Path(r["run"]).resolve() == run:
+            if (folder / r["path"]).resolve() == run:
                 return r["label"], exp
     return None, None
 
@@ -87,7 +87,7 @@ def read_run(path: Path) -> tuple[dict, dict]:
     for stage in (info.get("stages") or {}).values():
         seconds += (stage or {}).get("wall_seconds") or 0
     row = {
-        "run": str(path), "label": label, "experiment": (exp or {}).get("name"), "arch": info.get("arch"),
+        "run": _shown(path), "label": label, "experiment": (exp or {}).get("name"), "arch": info.get("arch"),
         "size": info.get("size"), "stage": info.get("stage"), "budget": info.get("budget") if not info.get("stages")
         else _experiment_budget(exp, path, info), "seed": info.get("seed"), "status": info.get("status"),
         "achieved_flops": total_flops(info), "tokens": int(info.get("tokens") or 0) + sum(
@@ -106,9 +106,18 @@ def read_run(path: Path) -> tuple[dict, dict]:
     return row, records
 
 
+def _shown(path: Path) -> str:
+    """The run's name in a report: relative to the working folder when under it (a committed report
+    then names `runs/<experiment>/...`, not this machine's absolute paths)."""
+    import os
+
+    rel = os.path.relpath(path)
+    return path.as_posix() if rel.startswith("..") else Path(rel).as_posix()
+
+
 def _experiment_budget(exp: Optional[dict], path: Path, info: dict) -> str:
     for r in (exp or {}).get("runs", []):
-        if Path(r["run"]).resolve() == path:
+        if r["path"] == "/".join(path.parts[-2:]):
             return r["budget"]
     first = next(iter((info.get("stages") or {}).values()), {}) or {}
     return first.get("budget") or info.get("budget")
