@@ -15,7 +15,7 @@ SHARED_DATA ?= $(abspath ../shared/data)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml baselines/pyproject.toml $(wildcard plugins/*/pyproject.toml) Makefile
+$(STAMP): pyproject.toml setup.py baselines/pyproject.toml $(wildcard plugins/*/pyproject.toml) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"

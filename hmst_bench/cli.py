@@ -734,20 +734,65 @@ def lm_eval_cmd(args) -> None:
 
     e.g. hmst-bench lm-eval --model hmst-bench --model_args run=RUN --tasks mmlu --limit 10
     Our suite configs (reading the local store) take precedence over lm-eval's tasks of the same
-    name unless you pass --include_path yourself. `hmst-bench lm-eval --help` shows lm-eval's help."""
-    import hmst_bench.eval.lm  # noqa: F401  (registers the model with lm-eval)
-    import hmst_bench_suites
-    from lm_eval.__main__ import cli_evaluate
-
+    name unless you pass --include_path yourself. `hmst-bench lm-eval --help` shows this command's
+    help, `hmst-bench lm-eval run --help` lm-eval's full options."""
     argv = list(args)
-    wants_help = bool({"-h", "--help"} & set(argv))
-    if not wants_help:
-        _registry()  # the hmst-bench model opens runs of plugin architectures
+    help_flags = {"-h", "--help"}
+    if set(argv) <= help_flags:  # no arguments or only --help: our own help, no lm-eval, torch or plugin imported
+        click.echo(_lm_eval_help())
+        return
+    wants_help = bool(help_flags & set(argv))
     given = any(a == "--include_path" or a.startswith("--include_path=") for a in argv)
     if argv and not wants_help and not given and (argv[0] in {"run", "ls", "validate"} or argv[0].startswith("-")):
-        argv += ["--include_path", str(hmst_bench_suites.HERE)]
+        argv += ["--include_path", _suites_dir()]
+    from lm_eval.__main__ import cli_evaluate
+
     sys.argv = ["lm-eval", *argv]
-    cli_evaluate()
+    if wants_help:  # lm-eval's help for a command (`run --help`): the model is not needed to print it
+        cli_evaluate()
+        return
+    from hmst_bench.eval.lm import quiet_git_probe  # also registers the hmst-bench model with lm-eval
+
+    _registry()  # the hmst-bench model opens runs of plugin architectures
+    with quiet_git_probe():  # lm-eval's `git describe` of the cwd, without git's "fatal: ..." outside a checkout
+        cli_evaluate()
+
+
+def _suites_dir() -> str:
+    """The built-in suites' folder (hmst_bench_suites), found without importing it."""
+    import importlib.util
+
+    return list(importlib.util.find_spec("hmst_bench_suites").submodule_search_locations)[0]
+
+
+def _lm_eval_help() -> str:
+    from importlib import metadata
+
+    try:
+        version = f" {metadata.version('lm-eval')}"
+    except metadata.PackageNotFoundError:
+        version = ""
+    return f"""Usage: hmst-bench lm-eval [run|ls|validate] [LM-EVAL OPTIONS]
+
+  lm-evaluation-harness's own command line (lm-eval{version}), with the `hmst-bench` model
+  registered and the hmst-bench suites on its task path.
+
+  Model:     --model hmst-bench --model_args run=RUN
+             RUN is a run directory written by `hmst-bench train`; other model_args:
+             device=cpu|cuda, batch_size=N, max_length=N, max_gen_toks=N.
+  Suites:    --include_path {_suites_dir()}
+             is added for you unless you pass --include_path yourself; our suites (mmlu,
+             truthfulqa_mc1/mc2, gsm8k, humaneval, mbpp, factqa, longctx; `hmst-bench list suites`)
+             then take precedence over lm-eval's built-in tasks of the same name.
+  Commands:  run (the default when none is given), ls, validate.
+
+  Examples:
+    hmst-bench lm-eval --model hmst-bench --model_args run=runs/llama-micro --tasks truthfulqa_mc1 --limit 5
+    hmst-bench lm-eval ls tasks
+
+  lm-eval's full options: hmst-bench lm-eval run --help
+  Plain `lm_eval --model hmst-bench` does not work: lm-eval{version} finds no models in other
+  packages (it has no plugin hook), so use `hmst-bench lm-eval` (or `hmst-bench eval`)."""
 
 
 def main() -> None:

@@ -8,6 +8,8 @@
   application, and causal scaled-dot-product attention that can append to and read from a
   per-layer KV cache (one new token, a block of them, or a whole prompt), shared by the plugins
   that write their own transformer blocks;
+- `hf_cache_arg` / `hf_cache_of`: pass a KV cache into a transformers model and read the
+  extended one from its output under the installed transformers' name for it;
 - `SoftmaxLM`: a base class for models with a full-vocabulary logits head; a subclass writes
   `logits(input_ids, keep=None)` and gets `loss`, `score`, `token_logprobs`, `next_token_logprobs`
   and an O(n^2) cache-free `generate`; it overrides `decode_step` to add a KV cache. Queries are
@@ -29,6 +31,31 @@ from hmst_bench.arch import IGNORE_INDEX
 
 # step(new_tokens [B, n], state) -> (next-token log-probs [B, V], new state); state None at first
 DecodeStep = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+_HF_CACHE_NAME: Optional[str] = None
+
+
+def _hf_cache_name() -> str:
+    """The name transformers gives a model's KV cache, as argument and output field: `cache` since
+    transformers renamed it (`past_key_values` then warns on every call and is removed in 5.40),
+    `past_key_values` before. Read from the installed version's output class, not its number."""
+    global _HF_CACHE_NAME
+    if _HF_CACHE_NAME is None:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        _HF_CACHE_NAME = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+    return _HF_CACHE_NAME
+
+
+def hf_cache_arg(cache: Any) -> dict[str, Any]:
+    """Keyword arguments handing `cache` (None: none yet) to a transformers model's forward."""
+    return {} if cache is None else {_hf_cache_name(): cache}
+
+
+def hf_cache_of(output: Any) -> Any:
+    """The KV cache in a transformers model output (None when it was run without one)."""
+    return output.get(_hf_cache_name())
 
 
 class RMSNorm(torch.nn.Module):

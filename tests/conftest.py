@@ -3,6 +3,7 @@ folder, so tokenizers and token arrays are built once per test session, never in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -80,3 +81,32 @@ def run_cli_read_only(folders: list[Path], *args: str, env: dict | None = None, 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([*prefix, sys.executable, "-m", "hmst_bench.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+@contextlib.contextmanager
+def no_deprecations():
+    """Fails the block on any Python warning (FutureWarning, DeprecationWarning, ...) and on any
+    warning transformers logs (its `warning_once` cache is cleared first, so a message an earlier
+    test already logged in this process is still seen)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    hf_logging.warning_once.cache_clear()
+    handler = Collect(level=logging.WARNING)
+    root = hf_logging.get_logger("transformers")
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    finally:
+        root.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []

@@ -248,3 +248,81 @@ def test_bad_arguments_are_one_line(dense_run, tmp_path):
         HmstBenchLM()
     with pytest.raises(RunError, match="not a run directory"):
         HmstBenchLM(run=str(tmp_path))
+
+
+# --- the CLI around lm-eval: help, and no git noise outside a checkout (issue 15 item 7) --------
+
+
+def _outside_git(tmp_path):
+    """A working folder in no git checkout (git stops looking above it), and its environment."""
+    import os
+
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    return cwd, {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path), "TQDM_DISABLE": "1"}
+
+
+def test_lm_eval_help_is_ours_and_imports_neither_lm_eval_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hmst_bench.cli import main\nsys.argv = ['hmst-bench', 'lm-eval', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('IMPORTED', 'torch' in sys.modules, 'lm_eval' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.strip().splitlines()[-1] == "IMPORTED False False"
+    for needed in ("Usage: hmst-bench lm-eval", "--model hmst-bench --model_args run=RUN", "--include_path",
+                   "hmst-bench lm-eval run --help", "hmst-bench lm-eval --model hmst-bench"):
+        assert needed in out, needed
+    assert proc.stderr == ""
+
+
+def test_lm_eval_run_help_is_lm_evals():
+    proc = run_cli("lm-eval", "run", "--help")
+    assert "usage: lm-eval run" in proc.stdout and "--model_args" in proc.stdout
+
+
+def test_quiet_git_probe_keeps_gits_complaint_off_the_console(tmp_path, monkeypatch, capfd):
+    import lm_eval.evaluator as evaluator
+
+    from hmst_bench.eval.lm import quiet_git_probe
+
+    cwd, env = _outside_git(tmp_path)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", env["GIT_CEILING_DIRECTORIES"])
+    original = evaluator.get_git_commit_hash
+    original()  # lm-eval's own probe: git's complaint reaches the console (the problem fixed here)
+    assert "not a git repository" in capfd.readouterr().err
+    with quiet_git_probe():
+        assert evaluator.get_git_commit_hash() is None
+    assert evaluator.get_git_commit_hash is original
+    assert capfd.readouterr().err == ""
+
+
+def test_git_sha_is_silent_when_git_fails(monkeypatch, capfd, tmp_path):
+    from hmst_bench.train.rundir import git_sha
+
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-repo"))  # every git command fails
+    assert git_sha() is None
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", ["eval", "lm-eval"])
+def test_evaluation_outside_a_git_checkout_prints_no_git_error(dense_run, tmp_path, command):
+    import subprocess
+    import sys
+
+    cwd, env = _outside_git(tmp_path)
+    if command == "eval":
+        args = ["eval", "--run", str(dense_run), "--suite", "factqa", "--limit", "2", "--out", str(tmp_path / "ev")]
+    else:
+        args = ["lm-eval", "--model", "hmst-bench", "--model_args", f"run={dense_run}", "--tasks", "factqa",
+                "--limit", "2"]
+    proc = subprocess.run([sys.executable, "-m", "hmst_bench.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "factqa" in proc.stdout + proc.stderr
+    assert "fatal" not in proc.stderr and "not a git repository" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

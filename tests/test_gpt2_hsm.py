@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, store_home
+from conftest import no_deprecations, run_cli, store_home
 from hmst_bench_gpt2_hsm.head import HSMHead
 from hmst_bench_gpt2_hsm.tree import HuffmanTree, build_tree
 
@@ -552,6 +552,14 @@ def test_cached_greedy_equals_cache_free(model, tok, prompt_len, new):
         nucleus = model.generate(prompt, new, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))[0]
     assert got == want and len(got) == new
     assert nucleus == got  # a nucleus of one token is greedy
+
+
+def test_generation_uses_no_deprecated_transformers_api(model, tok):
+    """The GPT-2 backbone gets its KV cache as `cache`, not the deprecated `past_key_values`."""
+    prompt = rand_ids(tok, 2, 20, 7)
+    with torch.no_grad(), no_deprecations():
+        out = model.generate(prompt, max_new_tokens=20)
+    assert [len(row) for row in out] == [20, 20]
 
 
 def frequencies_match(tokens: torch.Tensor, support: torch.Tensor, probs: torch.Tensor) -> None:

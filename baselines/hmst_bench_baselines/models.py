@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from hmst_bench.modeling import SoftmaxLM
+from hmst_bench.modeling import SoftmaxLM, hf_cache_arg, hf_cache_of
 from hmst_bench.util import atomic_dir
 
 
@@ -43,11 +43,11 @@ class HFCausalLM(SoftmaxLM):
         else:
             seq, past = torch.cat([state["seq"], new_tokens], dim=1), state["past"]
         if past is not None and seq.shape[1] <= self.max_seq_len:
-            out = self.hf(input_ids=new_tokens, past_key_values=past, use_cache=True, logits_to_keep=1)
+            out = self.hf(input_ids=new_tokens, **hf_cache_arg(past), use_cache=True, logits_to_keep=1)
         else:
             out = self.hf(input_ids=seq[:, -self.max_seq_len :], use_cache=seq.shape[1] < self.max_seq_len, logits_to_keep=1)
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return logprobs, {"seq": seq, "past": out.past_key_values if seq.shape[1] < self.max_seq_len else None}
+        return logprobs, {"seq": seq, "past": hf_cache_of(out) if seq.shape[1] < self.max_seq_len else None}
 
     def export(self, run_dir: str | Path) -> None:
         """RUN/hf/: the same weights as a transformers checkpoint, with the tokenizer."""

@@ -26,8 +26,11 @@ interrupted evaluation resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
+import subprocess
 import warnings
 from collections import Counter
 from typing import Any, Iterable, Optional
@@ -46,6 +49,37 @@ DEFAULT_MAX_GEN_TOKS = 256
 # under lm_eval's logger, so `hmst-bench eval` (which quiets lm_eval to ERROR and reports the
 # counts itself) stays quiet, while lm-eval's own CLI shows it as it shows HFLM's truncation warning
 log = logging.getLogger("lm_eval.models.hmst_bench")
+
+
+@contextlib.contextmanager
+def quiet_git_probe():
+    """lm-eval records the git commit of the current folder (`results["git_hash"]`) by running
+    `git describe --always` with git's stderr left on the console, so every evaluation started
+    outside a git checkout printed "fatal: not a git repository". While the block runs, lm-eval's
+    evaluator calls `_git_describe_quietly` instead: the same command and fallback, git's stderr
+    discarded. lm-eval's files are untouched; an lm-eval without that function is left as it is."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:
+        yield
+        return
+    evaluator.get_git_commit_hash = _git_describe_quietly
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
+def _git_describe_quietly() -> Optional[str]:
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        proc = subprocess.run(["git", "describe", "--always"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, check=True, timeout=10)
+        return proc.stdout.decode().strip()
+    except (OSError, subprocess.SubprocessError):
+        return get_commit_from_path(os.getcwd())
 
 
 def _batch_size(value: Any) -> int:

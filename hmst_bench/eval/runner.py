@@ -185,7 +185,7 @@ def evaluate(
     import torch
 
     from hmst_bench.eval import longctx
-    from hmst_bench.eval.lm import HmstBenchLM
+    from hmst_bench.eval.lm import HmstBenchLM, quiet_git_probe
     from hmst_bench.train.rundir import git_sha, load_run, read_info
 
     run_dir = Path(run_dir)
@@ -223,8 +223,9 @@ def evaluate(
         started = time.time()
         before = dict(lm.computed)
         tasks, gen_kwargs = code.tasks(suite, manager)
-        # longctx builds its documents for this model's window and tokenizer (hmst_bench.eval.longctx)
-        with code.execution(suite), longctx.context(lm.max_length, lm.tokenizer):
+        # longctx builds its documents for this model's window and tokenizer (hmst_bench.eval.longctx);
+        # quiet_git_probe: lm-eval's `git describe` of the cwd, without git's "fatal: ..." outside a checkout
+        with code.execution(suite), longctx.context(lm.max_length, lm.tokenizer), quiet_git_probe():
             out = _simple_evaluate(lm_eval, lm, tasks, gen_kwargs, num_fewshot, limit, cache, output.cache, manager,
                                    seeds, unsafe=suite.executes_code)
             sandbox = code.attach_outcomes(suite, out)

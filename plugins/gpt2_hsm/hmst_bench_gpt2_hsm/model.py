@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hmst_bench.arch import IGNORE_INDEX
-from hmst_bench.modeling import decode_loop
+from hmst_bench.modeling import decode_loop, hf_cache_arg, hf_cache_of
 from hmst_bench.util import atomic_save
 from hmst_bench_gpt2_hsm.head import HSMHead
 from hmst_bench_gpt2_hsm.tree import HuffmanTree, build_tree
@@ -126,7 +126,7 @@ class GPT2HSM(torch.nn.Module):
         seq = new_tokens if state is None else torch.cat([state["seq"], new_tokens], dim=1)
         past = None if state is None else state["past"]
         if past is not None and seq.shape[1] <= self.max_seq_len:
-            out = self.backbone(input_ids=new_tokens, past_key_values=past, use_cache=True)
+            out = self.backbone(input_ids=new_tokens, **hf_cache_arg(past), use_cache=True)
         else:
             out = self.backbone(input_ids=seq[:, -self.max_seq_len :], use_cache=seq.shape[1] < self.max_seq_len)
         h = out.last_hidden_state[:, -1]
@@ -136,7 +136,7 @@ class GPT2HSM(torch.nn.Module):
             logprobs[torch.arange(h.shape[0]), tokens] = 0.0  # the descended token, chosen outright
         else:
             logprobs = self.head.all_logprobs(h, approximate=self._approximate())
-        return logprobs, {"seq": seq, "past": out.past_key_values if seq.shape[1] < self.max_seq_len else None}
+        return logprobs, {"seq": seq, "past": hf_cache_of(out) if seq.shape[1] < self.max_seq_len else None}
 
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None, top_k=0):
         """Exact mode: every step hands `decode_loop` the full exact distribution
