@@ -211,7 +211,11 @@ def print_comparison(comp, out: Path, console: Console) -> None:
     for col in ("architecture", "budget", "FLOPs", "val loss", "multiplier"):
         table.add_column(col)
     suites = comp.metrics[(comp.metrics["suite"] != "validation")]
-    units = list(dict.fromkeys(zip(suites["task"], suites["metric"])))[:4]
+    units = []  # per suite its headline: the suite's own (group) row if it has one, with each compared metric
+    for suite, df in suites.groupby("suite", sort=False):
+        top = df[df["task"] == suite] if (df["task"] == suite).any() else df[df["task"] == df["task"].iloc[0]]
+        units += list(dict.fromkeys(zip(top["task"], top["metric"])))
+    units = units[:5]
     for task, metric in units:
         table.add_column(f"{task} {metric}")
     scale = comp.scaling.set_index(["label", "budget"])

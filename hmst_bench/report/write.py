@@ -152,7 +152,8 @@ def headlines(comp: Comparison) -> list[str]:
         m = r["multiplier"]
         verdict = "better than" if (math.isfinite(r["lo"]) and r["lo"] > 1) else \
                   "worse than" if (math.isfinite(r["hi"]) and r["hi"] < 1) else \
-                  ("no different from" if math.isfinite(r["lo"]) else ("ahead of" if m > 1 else "behind"))
+                  ("no different from" if math.isfinite(r["lo"]) else
+                   ("as a point estimate, ahead of" if m > 1 else "as a point estimate, behind"))
         ci = f" (95% CI {_f(r['lo'], 2)}-{_f(r['hi'], 2)}, {int(r['seeds'])} seeds)" if math.isfinite(r["lo"]) else \
              f" ({int(r['seeds'])} seed: no CI; run more seeds for one)"
         extra = ", extrapolated beyond the baseline's measured losses" if r["extrapolated"] else ""
