@@ -139,3 +139,17 @@ def test_experiment_interrupted_resumed_idempotent_and_regenerated(tmp_path):
         (copy / name).write_bytes(report[name])
     run_cli("compare", "--manifest", str(copy / "manifest.json"), env=env)
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == report
+
+
+def test_demo_is_the_shipped_experiment_file():
+    """`hmst-bench demo` and `make demo` run one file: the package's demo.toml, linked from experiments/."""
+    from hmst_bench.experiment.demo import demo_file
+    from hmst_bench.experiment.spec import load
+
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / "experiments" / "demo.toml").resolve() == demo_file().resolve()
+    exp = load(demo_file())
+    assert exp.all_archs and exp.baseline == "dense-llama" and exp.size == "micro" and len(exp.budgets) == 3
+    assert {"longctx", "factqa"} <= {s.name for s in exp.suites if not s.optional}
+    proc = run_cli("demo", "--help")
+    assert "every registered architecture" in proc.stdout

@@ -273,15 +273,6 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(uninterr
     assert resumed["final_train_loss"] == uninterrupted["final_train_loss"]
 
 
-def test_demo_command(tmp_path):
-    out = tmp_path / "demo"
-    proc = run_cli("demo", "--budget", "2e11", "--out", str(out), "--json")
-    info = json.loads(proc.stdout)
-    assert info["arch"] == "dense-llama" and info["size"] == "tiny" and info["status"] == "complete"
-    assert info["corpus"]["name"] == "stdlib-code"
-    assert "val loss" in proc.stderr
-
-
 def test_model_missing_part_of_the_contract_is_refused(fresh_registry, tmp_path):
     import torch
 

@@ -133,6 +133,17 @@ def _plain_base(value):
 
 # --- the candidate: runs the program, answers requests ---------------------------------------
 
+def _flushed_send(chan, message):
+    """The program's own output reaches its files before the judge hears from it: once the judge
+    is done the candidate is killed, and output still in Python's buffers would be lost."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # a program may have closed or replaced them
+            pass
+    chan.send(message)
+
+
 def serve_candidate(sock, code):
     """Execute the program, report its top-level names, then answer the judge until it hangs up."""
     chan = Channel(sock)
@@ -157,7 +168,7 @@ def serve_candidate(sock, code):
     try:
         exec(compile(code, "program.py", "exec"), namespace)
     except BaseException as exc:  # SystemExit included: a program that leaves early is not loaded
-        chan.send(["load_error", _describe(exc)])
+        _flushed_send(chan, ["load_error", _describe(exc)])
         return
     exports = {}
     for name, value in list(namespace.items()):
@@ -172,16 +183,16 @@ def serve_candidate(sock, code):
                 exports[name] = ["v", encode(value, to_ref)]
             except BaseException:
                 continue
-    chan.send(["ready", exports])
+    _flushed_send(chan, ["ready", exports])
     while True:
         try:
             request = chan.recv()
         except CandidateError:
             return  # the judge is done
         try:
-            chan.send(["ok", encode(_answer(request, from_ref), to_ref)])
+            _flushed_send(chan, ["ok", encode(_answer(request, from_ref), to_ref)])
         except BaseException as exc:
-            chan.send(["err", type(exc).__name__, _message(exc)])
+            _flushed_send(chan, ["err", type(exc).__name__, _message(exc)])
 
 
 def _answer(request, from_ref):
