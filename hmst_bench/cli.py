@@ -335,7 +335,7 @@ def demo(jobs, out) -> None:
     resume if interrupted; the report goes to results/demo/."""
     from hmst_bench.experiment.demo import demo_file
 
-    _experiment(demo_file(_registry()), jobs, "local", False, out)
+    _experiment(demo_file(), jobs, "local", False, out)
 
 
 @cli.group()

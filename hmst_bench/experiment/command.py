@@ -130,7 +130,7 @@ class _Board:
 
 def report_experiment(plan, out: Path, console: Console, command: str = ""):
     """Compare the experiment's complete runs and write the report; None when none is complete."""
-    from hmst_bench.report.collect import collect, read_run
+    from hmst_bench.report.collect import collect
     from hmst_bench.report.compare import compare
     from hmst_bench.report.write import write_report
 

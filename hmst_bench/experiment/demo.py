@@ -6,5 +6,5 @@ from pathlib import Path
 DEMO = Path(__file__).with_name("demo.toml")
 
 
-def demo_file(registry=None) -> Path:
+def demo_file() -> Path:
     return DEMO

@@ -19,7 +19,6 @@ whose options and model digest match), so re-running a finished experiment plans
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -319,6 +318,7 @@ def shared_tokenizer(exp: Experiment, baseline_spec, tok_dir: Path):
 def _probe_all(plan: Plan, specs: dict, tok) -> None:
     from hmst_bench.budget import parse_budget
     from hmst_bench.data.tokenizer import tokenizer_hash
+    from hmst_bench.train.loop import round_up
     from hmst_bench.util import atomic_write_json
 
     exp = plan.experiment
@@ -347,12 +347,7 @@ def _probe_all(plan: Plan, specs: dict, tok) -> None:
             minimum = need * (b.amount / fb.amount)
             raise ExperimentError(f"budget {run.budget}{share} is below one training step of {run.label} ({run.arch}: "
                                   f"{need:.3g}{unit} per step at batch {probe['batch_size']} x seq {exp.seq_len}); "
-                                  f"use budgets of {_round_up(minimum)}{unit} or more")
-
-
-def _round_up(x: float) -> str:
-    unit = 10 ** (math.floor(math.log10(x)) - 2)
-    return f"{math.ceil(x / unit) * unit:.3g}"
+                                  f"use budgets of {round_up(minimum)}{unit} or more")
 
 
 def probe_step(spec, entry: ArchEntry, exp: Experiment, tok) -> dict:

@@ -18,7 +18,7 @@ NEW_TOKENS = 32
 def measure(run_dir: str | Path) -> dict:
     import torch
 
-    from hmst_bench.budget import count_flops, model_extra_flops  # noqa: F401  (count_flops registers CPU attention)
+    from hmst_bench.budget import count_flops
     from hmst_bench.eval.runner import model_fingerprint
     from hmst_bench.experiment.plan import COST_FILE
     from hmst_bench.train.rundir import load_run

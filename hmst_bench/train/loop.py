@@ -265,7 +265,7 @@ def _prepare_out(out: Path) -> None:
         raise TrainError(f"cannot write to {out} ({exc.strerror}); choose a writable --out") from None
 
 
-def _round_up(x: float) -> str:
+def round_up(x: float) -> str:
     """x rounded up to three significant digits, so the stated minimum budget suffices."""
     import math
 
@@ -358,7 +358,7 @@ def start_budget(ctx: TrainContext, flops_per_step: float, segments: int = 1) ->
     if ctx.budget.kind == "flops" and ctx.budget.amount < fps:
         raise TrainError(
             f"budget {ctx.budget.text} is below one training step ({fps:.3g} FLOPs at batch "
-            f"{ctx.recipe.batch_size} x seq {ctx.row_tokens or ctx.recipe.seq_len}); use --budget {_round_up(fps)} or more"
+            f"{ctx.recipe.batch_size} x seq {ctx.row_tokens or ctx.recipe.seq_len}); use --budget {round_up(fps)} or more"
         )
     steps = ctx.budget.steps_for(fps, ctx.tokens_per_step)
     ctx.plan(steps * segments if ctx.budget.kind == "tokens" else steps)
