@@ -153,3 +153,17 @@ def test_demo_is_the_shipped_experiment_file():
     assert {"longctx", "factqa"} <= {s.name for s in exp.suites if not s.optional}
     proc = run_cli("demo", "--help")
     assert "every registered architecture" in proc.stdout
+
+
+def test_every_shipped_claim_file_plans(bench_home, tmp_path):
+    """Done-when of issue 15: `experiment run experiments/<claim>.toml --dry-run` shows each plan
+    (probing each architecture at the file's size and sequence length, where derived config fields
+    change with them)."""
+    from tests.conftest import store_home
+
+    store_home(bench_home, "mmlu", "truthfulqa", "humaneval", "mbpp")
+    claims = sorted(p for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*.toml") if p.name != "demo.toml")
+    assert len(claims) >= 4
+    for claim in claims:
+        proc = run_cli("experiment", "run", str(claim), "--dry-run", env=cli_env(tmp_path))
+        assert "total training compute" in proc.stderr and "measured probe steps" in proc.stderr, claim.name

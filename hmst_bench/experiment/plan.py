@@ -18,6 +18,7 @@ whose options and model digest match), so re-running a finished experiment plans
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,14 +358,14 @@ def probe_step(spec, entry: ArchEntry, exp: Experiment, tok) -> dict:
 
     import torch
 
-    from hmst_bench.arch import config_from_dict, config_to_dict
     from hmst_bench.budget import count_flops, model_extra_flops
     from hmst_bench.data.corpora import load_corpus
     from hmst_bench.data.tokens import encode_corpus
     from hmst_bench.train.context import LossModule, Recipe, make_optimizer
 
-    values = config_to_dict(spec.make_config(entry.size, _typed_sets(entry, spec)))
-    config = config_from_dict(spec.config_cls, {**values, "vocab_size": len(tok), "max_seq_len": exp.seq_len})
+    # as the trainer does: replace() re-derives the fields that depend on these two
+    config = dataclasses.replace(spec.make_config(entry.size, _typed_sets(entry, spec)),
+                                 vocab_size=len(tok), max_seq_len=exp.seq_len)
     recipe = Recipe(**{**exp.training, "seq_len": exp.seq_len, "seed": exp.seeds[0]})
     data = encode_corpus(load_corpus(exp.corpus), tok)
     with torch.random.fork_rng(devices=[]):
