@@ -1,5 +1,5 @@
 # hmst-bench: `make demo` compares every architecture with dense-llama at three small budgets (about
-# 10 minutes on 2 CPU cores, report in results/demo/); `make test` runs the tests.
+# 2.5 minutes on 2 idle CPU cores, report in results/demo/); `make test` runs the tests.
 # Both build .venv first, idempotently: torch (pinned below; pip picks the build for the platform)
 # before anything that depends on it, then the core, the baselines and every plugins/* distribution in editable mode.
 
