@@ -6,6 +6,9 @@ The trainer and evaluator only ever talk to the model through the methods listed
 `LanguageModel` below, so an architecture whose internals look nothing like a transformer
 (a Huffman-tree head, recurrent cycles, external FAISS memory) still plugs in unchanged.
 
+It also holds what configs share: the dense baselines' size table (`DENSE_SHAPES`), the SwiGLU
+width rule (`swiglu_width`) and the validation and (de)serialisation helpers.
+
 This module must stay light: it is imported when plugins register, which happens on every CLI
 start-up, so it imports neither torch nor transformers.
 """
@@ -16,12 +19,23 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
 SIZE_NAMES = ("micro", "tiny", "small", "base")
+
+# The dense baselines' shapes, size for size. Every built-in architecture derives its presets
+# from this one table, so runs of one size share a tokenizer (vocab_size) and a window
+# (max_seq_len). Read-only: four architectures share the same object.
+DENSE_SHAPES: Mapping[str, Mapping[str, int]] = MappingProxyType({
+    "micro": MappingProxyType(dict(vocab_size=2048, max_seq_len=128, d_model=64, n_layers=2, n_heads=4)),
+    "tiny": MappingProxyType(dict(vocab_size=8192, max_seq_len=256, d_model=256, n_layers=4, n_heads=4)),
+    "small": MappingProxyType(dict(vocab_size=16384, max_seq_len=512, d_model=512, n_layers=8, n_heads=8)),
+    "base": MappingProxyType(dict(vocab_size=32768, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12)),
+})
 
 # Every config dataclass must carry these two fields: the trainer sets `vocab_size` from the
 # tokenizer and `max_seq_len` from `--seq-len`, always through `dataclasses.replace` so that
@@ -169,6 +183,12 @@ def require_positive(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def swiglu_width(d_model: int, multiple_of: int) -> int:
+    """Llama's SwiGLU hidden width: floor(8 * d_model / 3) rounded up to a multiple of `multiple_of`
+    (8/3 keeps the three matrices' parameters equal to a 4x GELU MLP's two)."""
+    return multiple_of * -(-(8 * d_model // 3) // multiple_of)
 
 
 def init_fields(config_cls: type) -> dict[str, dataclasses.Field]:

@@ -220,7 +220,7 @@ def test_active_params_count_top_k_of_n_experts_and_the_tied_head_once():
 
 
 def test_every_preset_builds_with_consistent_derived_fields():
-    from hmst_bench_baselines.plugin import SIZES as DENSE
+    from hmst_bench.arch import DENSE_SHAPES as DENSE
 
     for size in SIZES:
         cfg = HMST.make_config(size)

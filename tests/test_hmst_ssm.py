@@ -1,7 +1,8 @@
 """HMST's selective SSM (hmst_bench_hmst.ssm): parallel scan against the per-timestep loop,
 recurrent decoding against the parallel path, state carry-over, gradients, causality,
-initialisation, numerical safety on long sequences, one projection path, and FLOP accounting
-(the counter's matmuls and the analytic elementwise terms, both checked by hand)."""
+initialisation, numerical safety on long sequences, one projection path, FLOP accounting
+(the counter's matmuls and the analytic elementwise terms, both checked by hand), and the shared
+optimiser never decaying A_log and D (their `_no_weight_decay` mark)."""
 
 import math
 
@@ -11,6 +12,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hmst_bench.budget import count_flops
+from hmst_bench.train.context import Recipe, decays, make_optimizer
+from hmst_bench_hmst.model import HMSTModel
+from hmst_bench_hmst.plugin import HMST
 from hmst_bench_hmst.ssm import (
     SelectiveSSM,
     extra_flops_of,
@@ -222,3 +226,34 @@ def test_counted_matmul_flops_by_hand():
     assert fwd == 2 * B * L * (d * (r + 2 * N) + r * d + d * N)
     _, total = count_flops(lambda: m(x).sum().backward())
     assert total == 3 * fwd
+
+
+def in_group(group: dict, param: torch.nn.Parameter) -> bool:
+    return any(p is param for p in group["params"])
+
+
+def test_optimizer_never_decays_a_log_and_d():
+    torch.manual_seed(0)
+    model = HMSTModel(HMST.make_config("micro", {"memory": True})).to(F64)  # the mark survives .to()
+    ssm = model.memory.ssm
+    assert ssm.A_log.ndim == 2 and ssm.D.ndim == 1  # A_log is a matrix: only its mark keeps it out
+    lr, wd = 1.0, 0.5  # 1 - lr * wd = 0.5: scaling by it and the shrink lr * wd * p are exact in binary
+    optimizer = make_optimizer(model, Recipe(lr=lr, weight_decay=wd))  # what the trainer calls
+    decay, no_decay = optimizer.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (wd, 0.0)
+    assert in_group(no_decay, ssm.A_log) and in_group(no_decay, ssm.D)
+    assert not in_group(decay, ssm.A_log) and not in_group(decay, ssm.D)
+    assert in_group(decay, ssm.x_proj.weight) and decays(ssm.x_proj.weight)
+    # zero gradients: Adam's step is lr * 0 / (0 + eps) = 0, so only AdamW's decoupled decay,
+    # p <- p * (1 - lr * wd), moves a parameter
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = before[name] * (1 - lr * wd) if in_group(decay, p) else before[name]
+        assert torch.equal(p.detach(), expected), name
+    assert torch.equal(ssm.A_log.detach(), before["memory.ssm.A_log"])
+    assert torch.equal(ssm.D.detach(), before["memory.ssm.D"])
+    x_proj = before["memory.ssm.x_proj.weight"]
+    assert torch.equal(x_proj - ssm.x_proj.weight.detach(), lr * wd * x_proj)  # shrank by exactly lr * wd * value

@@ -41,7 +41,7 @@ def batch_of(ids):
 
 
 def test_sizes_match_dense_llama_shapes():
-    from hmst_bench_baselines.plugin import SIZES as DENSE
+    from hmst_bench.arch import DENSE_SHAPES as DENSE
 
     for size, preset in HRM_CODEGEN.sizes.items():
         cfg = HRM_CODEGEN.make_config(size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hmst_bench import ArchSpec, ConfigError, hookimpl
+from hmst_bench.arch import DENSE_SHAPES, swiglu_width
 from hmst_bench.arch import require_positive as _positive
 
 
@@ -40,8 +41,7 @@ class DenseLlamaConfig:
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
         self.head_dim = self.d_model // self.n_heads
-        m = self.ffn_multiple_of
-        self.d_ff = m * -(-(8 * self.d_model // 3) // m)
+        self.d_ff = swiglu_width(self.d_model, self.ffn_multiple_of)
 
 
 @dataclass
@@ -69,13 +69,8 @@ class DenseGPT2Config:
         self.d_ff = 4 * self.d_model
 
 
-# One table of shapes for both baselines so that, size for size, they are comparable.
-SIZES = {
-    "micro": dict(vocab_size=2048, max_seq_len=128, d_model=64, n_layers=2, n_heads=4),
-    "tiny": dict(vocab_size=8192, max_seq_len=256, d_model=256, n_layers=4, n_heads=4),
-    "small": dict(vocab_size=16384, max_seq_len=512, d_model=512, n_layers=8, n_heads=8),
-    "base": dict(vocab_size=32768, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12),
-}
+# Both baselines use the core table as is, so that, size for size, they are comparable.
+SIZES = DENSE_SHAPES
 
 
 def _build_llama(config, tokenizer):

@@ -84,15 +84,22 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int]
     return factor
 
 
+def decays(param: torch.nn.Parameter) -> bool:
+    """Whether the shared optimiser decays `param`: matrices do, vectors (norms, biases) do not,
+    nor does any parameter a model marks `param._no_weight_decay = True` (Mamba's convention:
+    decay would pull an SSM's A_log [d, N] towards 0, every state channel towards the rate A = -1)."""
+    return param.ndim >= 2 and not getattr(param, "_no_weight_decay", False)
+
+
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (norms, biases) do not."""
+    """AdamW with two groups: the parameters that `decays`, at `recipe.weight_decay`, and the rest at 0."""
     decay, no_decay = [], []
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if decays(p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas)
 

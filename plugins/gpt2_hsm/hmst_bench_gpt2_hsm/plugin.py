@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hmst_bench import ArchSpec, ConfigError, hookimpl
-from hmst_bench.arch import require_positive
-from hmst_bench_baselines.plugin import SIZES, DenseGPT2Config  # the dense baselines' shapes, size for size
+from hmst_bench.arch import DENSE_SHAPES, require_positive
+from hmst_bench_baselines.plugin import DenseGPT2Config
 
 DECODE_MODES = ("exact", "descent")
 
@@ -42,7 +42,7 @@ GPT2_HSM = ArchSpec(
     name="gpt2-hsm",
     description="GPT-2 with an exact Huffman hierarchical-softmax head (O(d log V) per training token)",
     config_cls=GPT2HSMConfig,
-    sizes=SIZES,
+    sizes=DENSE_SHAPES,  # the dense baselines' shapes, size for size
     build=_build,
 )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hmst_bench import ArchSpec, ConfigError, hookimpl
-from hmst_bench.arch import require_positive
+from hmst_bench.arch import DENSE_SHAPES, require_positive, swiglu_width
 
 
 @dataclass
@@ -94,18 +94,12 @@ class HMSTConfig:
         self.memory_dim = max(1, self.d_model // 2)
         self.memory_layer = min(self.n_layers - 1, self.n_layers // 2)
         self.episodic_capacity = self.episodic_slots or max(1, self.max_seq_len // self.memory_chunk)
-        m = self.ffn_multiple_of
-        self.expert_d_ff = m * -(-(8 * self.d_model // 3) // m)
+        self.expert_d_ff = swiglu_width(self.d_model, self.ffn_multiple_of)
         self.n_moe_layers = self.n_layers // self.moe_every
 
 
-# dense-llama's shapes (baselines SIZES), so hmst and dense-llama of a size share tokenizer and window
-SIZES = {
-    "micro": dict(vocab_size=2048, max_seq_len=128, d_model=64, n_layers=2, n_heads=4),
-    "tiny": dict(vocab_size=8192, max_seq_len=256, d_model=256, n_layers=4, n_heads=4),
-    "small": dict(vocab_size=16384, max_seq_len=512, d_model=512, n_layers=8, n_heads=8),
-    "base": dict(vocab_size=32768, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12),
-}
+# dense-llama's shapes, so hmst and dense-llama of a size share tokenizer and window
+SIZES = DENSE_SHAPES
 
 
 def build(config: HMSTConfig, tokenizer):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hmst_bench import ArchSpec, ConfigError, hookimpl
-from hmst_bench.arch import require_positive
+from hmst_bench.arch import DENSE_SHAPES, require_positive, swiglu_width
 
 LOSSES = ("softmax", "stablemax")
 
@@ -69,17 +69,17 @@ class HRMCodeGenConfig:
                 raise ConfigError(f"window ({self.window}) must not exceed max_seq_len ({self.max_seq_len})")
         self.context = self.max_seq_len if self.window is None else self.window
         self.head_dim = self.d_model // self.n_heads
-        m = self.ffn_multiple_of
-        self.d_ff = m * -(-(8 * self.d_model // 3) // m)
+        self.d_ff = swiglu_width(self.d_model, self.ffn_multiple_of)
 
 
-# dense-llama's shapes (hmst_bench_baselines.plugin.SIZES) with n_layers split into H and L halves
-SIZES = {
-    "micro": dict(vocab_size=2048, max_seq_len=128, d_model=64, n_heads=4, h_layers=1, l_layers=1),
-    "tiny": dict(vocab_size=8192, max_seq_len=256, d_model=256, n_heads=4, h_layers=2, l_layers=2),
-    "small": dict(vocab_size=16384, max_seq_len=512, d_model=512, n_heads=8, h_layers=4, l_layers=4),
-    "base": dict(vocab_size=32768, max_seq_len=1024, d_model=768, n_heads=12, h_layers=6, l_layers=6),
-}
+def _split_layers(shape) -> dict:
+    """A dense shape with its n_layers split into equal H and L halves."""
+    preset = {k: v for k, v in shape.items() if k != "n_layers"}
+    preset["h_layers"] = preset["l_layers"] = shape["n_layers"] // 2
+    return preset
+
+
+SIZES = {size: _split_layers(shape) for size, shape in DENSE_SHAPES.items()}
 
 
 def _build(config, tokenizer):
