@@ -5,15 +5,16 @@ The public API a plugin or a user script needs:
 
     from hmst_bench import ArchSpec, ConfigError, hookimpl, load_run, LanguageModel
 
-Importing this package is cheap (no torch); `load_run` imports torch when called.
+Importing this package is cheap (no torch); `LanguageModel` and `load_run` import torch when
+first reached.
 """
 
-from hmst_bench.arch import SIZE_NAMES, ArchSpec, ConfigError, LanguageModel
+from hmst_bench.arch import SIZE_NAMES, ArchSpec, ConfigError
 from hmst_bench.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["ArchSpec", "ConfigError", "LanguageModel", "SIZE_NAMES", "SuiteSpec", "hookimpl", "load_run", "__version__"]
+__all__ = ["ArchSpec", "CONTRACT_VERSION", "ConfigError", "LanguageModel", "SIZE_NAMES", "SuiteSpec", "hookimpl", "load_run", "__version__"]
 
 
 def __getattr__(name):  # lazy, so `import hmst_bench` stays light
@@ -21,6 +22,10 @@ def __getattr__(name):  # lazy, so `import hmst_bench` stays light
         from hmst_bench.train.rundir import load_run
 
         return load_run
+    if name in ("LanguageModel", "CONTRACT_VERSION"):
+        import hmst_bench.model
+
+        return getattr(hmst_bench.model, name)
     if name == "SuiteSpec":
         from hmst_bench.eval.suite import SuiteSpec
 

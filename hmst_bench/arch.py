@@ -2,8 +2,9 @@
 
 Every architecture, built-in or third-party, is described by one `ArchSpec`: a name, a one-line
 description, a config dataclass, named size presets and a `build(config, tokenizer)` function.
-The trainer and evaluator only ever talk to the model through the methods listed in
-`LanguageModel` below, so an architecture whose internals look nothing like a transformer
+The model it builds subclasses `hmst_bench.model.LanguageModel` (contract v2, in a module of its
+own because it needs torch); the trainer and evaluator only ever talk to the model through that
+class's methods, so an architecture whose internals look nothing like a transformer
 (a Huffman-tree head, recurrent cycles, external FAISS memory) still plugs in unchanged.
 
 It also holds what configs share: the dense baselines' size table (`DENSE_SHAPES`), the SwiGLU
@@ -20,10 +21,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    import torch
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 SIZE_NAMES = ("micro", "tiny", "small", "base")
 
@@ -49,76 +47,6 @@ class ConfigError(ValueError):
     """A config value is invalid; the message is one line naming the field and the fix."""
 
 
-@runtime_checkable
-class LanguageModel(Protocol):
-    """What every model built by an `ArchSpec` offers (it is also a `torch.nn.Module`).
-
-    Conventions shared by all methods: `input_ids` is a LongTensor [B, T] of real tokens (no
-    padding before or between them; only `token_logprobs`/`score` may see rows right-padded); position t of `labels`/`targets` is the token that follows
-    `input_ids[:, t]`, i.e. they are already shifted, and -100 marks a position to ignore.
-
-    Optional methods the framework uses when present:
-    - `num_active_params() -> int`: parameters touched per token (MoE); default all parameters.
-    - `extra_flops(batch) -> float`: forward+backward FLOPs of ops FlopCounterMode cannot see
-      (e.g. a hand-written selective scan), added to every measurement.
-    - `extra_flops_covers: tuple[str, ...]`: the executed ops without a FLOP formula whose cost
-      `extra_flops` accounts for, as names or glob patterns ("aten.mkldnn_rnn_layer*",
-      "mylib.scan"). The meter lists such ops that carry arithmetic (`budget.uncounted_work`);
-      `train` warns about (and under --strict refuses) any not covered here.
-    - `save_artifacts(dir)` / `load_artifacts(dir)`: model state that is not in the weights (a
-      FAISS store, a Huffman tree); saved inside every checkpoint (atomically, with the weights
-      of the same step) and at the top of the run directory for `load_run`.
-    - `export(run_dir)`: extra copies in other formats for other tools (the dense baselines
-      write RUN/hf/ with `save_pretrained`); never read back by hmst-bench.
-    - `score(input_ids, targets) -> (logprobs, is_argmax)`: `token_logprobs` plus, per position,
-      whether the target is the most likely token (lm-eval's `is_greedy`) from the same forward
-      pass; without it the evaluator asks `next_token_logprobs` once per continuation token.
-    - `flop_shares(batch) -> {part: fraction}`: how a training step's FLOPs split between the
-      model's parts (e.g. {"backbone": 0.8, "head": 0.2}), measured by the model on one batch;
-      recorded in run.json as "flop_shares".
-    - `prepare(train_tokens)`: called once before a fresh run trains, with the packed training
-      split (a 1-D int array), for state derived from the data (a Huffman tree from token
-      counts); that state must then be saved and restored through the artifacts methods.
-    - `hallucination_scores(prompts, answers) -> list[float]`: the model's own detector of wrong
-      answers (HMST's critic): one finite score per (prompt, answer) pair, higher = more likely
-      wrong. `hmst-bench eval --suite factqa` calls it once, without gradients, with every greedy
-      answer that does not abstain and the full prompt it answered, and reports its AUROC for
-      predicting a wrong answer beside the self-consistency one (docs/metrics.md).
-    """
-
-    max_seq_len: int
-
-    def loss(self, batch: Mapping[str, "torch.Tensor"]) -> tuple["torch.Tensor", dict]:
-        """Training objective for `{"input_ids", "labels"}`; aux losses reported apart in the dict."""
-
-    def token_logprobs(self, input_ids: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
-        """[B, T] exact log p(targets[:, t] | input_ids[:, :t+1]); 0 where the target is -100.
-        The evaluator right-pads rows to a common length with -100 targets at the padding, so a
-        position's log-prob must not depend on later tokens (any causal model satisfies this)."""
-
-    def next_token_logprobs(self, input_ids: "torch.Tensor") -> "torch.Tensor":
-        """[B, V] log-distribution of the token after the last position (cropped to the window).
-        A model may also accept `lengths` ([B] ints): rows right-padded, the distribution after
-        row b's first lengths[b] tokens; the evaluator then batches contexts of any length."""
-
-    def generate(
-        self,
-        input_ids: "torch.Tensor",
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Optional[Iterable] = None,
-        *,
-        top_k: int = 0,
-    ) -> list[list[int]]:
-        """New tokens per row; generation stops after a stop sequence. temperature <= 0 is
-        greedy; otherwise tokens are sampled from softmax(logprobs / temperature) restricted to
-        the top_k most likely (0: no limit), then, renormalised, to the top_p nucleus, always
-        from the model's exact full distribution (`hmst_bench.modeling.decode_loop` does this).
-        Callers pass top_k by keyword and only when it is non-zero, so a `generate` written
-        before top_k existed still works for greedy and top-p decoding."""
-
-
 @dataclass(frozen=True)
 class ArchSpec:
     """One registered architecture.
@@ -128,7 +56,7 @@ class ArchSpec:
     config_cls    a dataclass with `vocab_size` and `max_seq_len`; derived fields are declared
                   `field(init=False)` and set in `__post_init__`, which also validates
     sizes         {"micro"|"tiny"|"small"|"base": {field: value}} presets of init fields
-    build         build(config, tokenizer) -> model implementing `LanguageModel`
+    build         build(config, tokenizer) -> an instance of a `hmst_bench.LanguageModel` subclass
     stage_runner  optional run(ctx) replacing the shared loop; it receives a
                   `hmst_bench.train.TrainContext` giving the shared budget meter, optimiser,
                   checkpointing, logging and data, and is responsible for calling them

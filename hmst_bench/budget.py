@@ -173,12 +173,14 @@ def uncounted_work(op: str) -> bool:
 
 def covered_ops(model: Any, ops: Iterable[str]) -> set[str]:
     """The ops among `ops` that `model` declares its extra_flops accounts for: names or glob
-    patterns in its `extra_flops_covers` (e.g. "aten.mkldnn_rnn_layer*"). A model without a
-    callable extra_flops covers nothing, whatever it declares."""
+    patterns in its `extra_flops_covers` (e.g. "aten.mkldnn_rnn_layer*"). A model that does not
+    override `extra_flops`, or is not a `LanguageModel` at all, covers nothing."""
+    from hmst_bench.model import LanguageModel
+
     inner = getattr(model, "module", model)  # unwrap DDP
-    if model is None or not callable(getattr(inner, "extra_flops", None)):
-        return set()
-    patterns = getattr(inner, "extra_flops_covers", ()) or ()
+    if not isinstance(inner, LanguageModel) or type(inner).extra_flops is LanguageModel.extra_flops:
+        return set()  # declared ops are covered only by an extra_flops of the model's own
+    patterns = inner.extra_flops_covers
     if isinstance(patterns, str):
         patterns = (patterns,)
     return {op for op in ops if any(fnmatch.fnmatchcase(op, str(p)) for p in patterns)}
@@ -241,9 +243,10 @@ def _sum_over_ranks(value: float) -> float:
 
 def model_extra_flops(model: Any, batch: Any) -> float:
     """Analytic FLOPs a model declares for ops the counter cannot see (0 if it declares none)."""
+    from hmst_bench.model import LanguageModel
+
     inner = getattr(model, "module", model)  # unwrap DDP
-    extra = getattr(inner, "extra_flops", None)
-    return float(extra(batch)) if callable(extra) else 0.0
+    return float(inner.extra_flops(batch)) if isinstance(inner, LanguageModel) else 0.0
 
 
 @dataclass

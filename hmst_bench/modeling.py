@@ -1,37 +1,30 @@
-"""Reusable pieces for meeting the model contract (`hmst_bench.arch.LanguageModel`).
+"""Building blocks for models that meet the contract (`hmst_bench.model.LanguageModel`).
 
-- `sample_next`: greedy / temperature / top-k / nucleus (top-p) choice from a log-distribution,
-  drawing from `sampling_probs` (the filtered distribution itself, for tests and tools);
-- `decode_loop`: the one generation loop every architecture shares (stop sequences, finished
-  rows, max_new_tokens), driven by a per-architecture `step` function that may keep a KV cache;
-- `RMSNorm`, `rope_tables` / `apply_rope` / `causal_attention`: root-mean-square norm, rotary position tables, their rotate-half
-  application, and causal scaled-dot-product attention that can append to and read from a
-  per-layer KV cache (one new token, a block of them, or a whole prompt), shared by the plugins
-  that write their own transformer blocks;
+- `RMSNorm`, `rope_tables` / `rope_at` / `apply_rope`, `causal_attention`, `Attention`, `SwiGLU`:
+  root-mean-square norm, rotary position tables (per row in a left-padded batch) and their
+  rotate-half application, causal scaled-dot-product attention that appends to and reads from a
+  per-layer KV cache and masks left padding, and the bias-free attention and feed-forward layers
+  hmst and hrm-codegen share;
 - `hf_cache_arg` / `hf_cache_of`: pass a KV cache into a transformers model and read the
   extended one from its output under the installed transformers' name for it;
 - `SoftmaxLM`: a base class for models with a full-vocabulary logits head; a subclass writes
-  `logits(input_ids, keep=None)` and gets `loss`, `score`, `token_logprobs`, `next_token_logprobs`
-  and an O(n^2) cache-free `generate`; it overrides `decode_step` to add a KV cache. Queries are
-  cut to the window, or to `max_context_len` for a model that reads further through a memory.
+  `logits(input_ids, keep=None)` and gets `loss`, `score`, `token_logprobs` and
+  `next_token_logprobs`. Queries are cut to the window, or to `max_context_len` for a model that
+  reads further through a memory.
 
-Architectures whose head is not a softmax (a hierarchical softmax, say) implement the four
-methods themselves and still reuse `decode_loop`.
+Generation (sampling, stops, the batched loop) lives in `hmst_bench.generation`.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Iterable, Optional
+import abc
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from hmst_bench.arch import IGNORE_INDEX
-
-# step(new_tokens [B, n], state) -> (next-token log-probs [B, V], new state); state None at first
-DecodeStep = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
-
+from hmst_bench.model import LanguageModel
 
 _HF_CACHE_NAME: Optional[str] = None
 
@@ -82,25 +75,52 @@ def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd] rotated by the tables of its T positions, cos/sin [T, hd]."""
+    """x [B, H, T, hd] rotated by the tables of its positions: cos/sin [T, hd] (every row at the
+    same positions) or [B, T, hd] (each row its own, as in a left-padded batch)."""
+    if cos.ndim == 3:
+        cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def rope_at(cos: torch.Tensor, sin: torch.Tensor, start: int, t: int, pad: Optional[torch.Tensor] = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables of columns start .. start + t - 1: [t, hd] each; with `pad` ([B] leading padding
+    positions of each row), [B, t, hd] at each row's own positions (column - pad, padding at 0)."""
+    if pad is None:
+        if start + t > cos.shape[0]:
+            raise ValueError(f"positions up to {start + t} exceed the model's window of {cos.shape[0]}")
+        return cos[start : start + t], sin[start : start + t]
+    positions = (torch.arange(start, start + t, device=pad.device)[None, :] - pad[:, None]).clamp_min(0)
+    if int(positions.max()) >= cos.shape[0]:
+        raise ValueError(f"positions up to {int(positions.max()) + 1} exceed the model's window of {cos.shape[0]}")
+    return cos[positions], sin[positions]
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
     """Causal attention of q [B, H, t, hd] over k, v [B, H, t, hd] (RoPE already applied). With
     `cache` (decoding), the keys and values of earlier positions are read from cache["k"/"v"] and
-    these appended, so new position i attends to every cached position and to new positions <= i."""
+    these appended, so new position i attends to every cached position and to new positions <= i.
+    cache["pad"] ([B], set by the model at the prefill of a left-padded batch) masks each row's
+    leading padding keys; a padding query sees itself only, so no row is ever all masked."""
     past = 0
+    pad = None if cache is None else cache.get("pad")
     if cache is not None:
         if "k" in cache:
             past = cache["k"].shape[2]
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         cache["k"], cache["v"] = k, v
+    t = q.shape[2]
+    if pad is not None and bool(pad.any()):
+        keys = torch.arange(past + t, device=q.device)
+        queries = torch.arange(past, past + t, device=q.device)
+        causal = keys[None, :] <= queries[:, None]
+        real = keys[None, :] >= pad[:, None]  # [B, S]
+        mask = causal[None] & (real[:, None, :] | (keys[None, None, :] == queries[None, :, None]))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
     if past == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    t = q.shape[2]
     if t == 1:  # one new position sees every cached one
         return F.scaled_dot_product_attention(q, k, v)
     # (is_causal aligns the mask top-left when t < keys, so build it: query i sees keys <= past + i)
@@ -108,157 +128,54 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: O
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _check_top_k(top_k) -> int:
-    """top_k as an int; ValueError unless it is a whole number >= 0 (0 turns top-k off)."""
-    try:
-        k = int(top_k)
-    except (TypeError, ValueError):
-        k = None
-    if k is None or isinstance(top_k, bool) or k != top_k or k < 0:
-        raise ValueError(f"top_k must be a non-negative integer (0: off), got {top_k!r}")
-    return k
+class Attention(torch.nn.Module):
+    """Bias-free multi-head causal self-attention with RoPE (hmst and hrm-codegen), reading and
+    extending a per-layer KV cache when decoding. Weights are left to the owner to initialise."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = torch.nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = torch.nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        """x [B, t, d] at the positions cos/sin belong to ([t, hd] or per row [B, t, hd])."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
-def sampling_probs(logprobs: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """[B, V] float32 probabilities that `sample_next` draws from when temperature > 0:
-    softmax(logprobs / temperature), filtered as transformers' samplers do, in this order:
+class SwiGLU(torch.nn.Module):
+    """Bias-free SwiGLU feed-forward, down(silu(gate) * up); weights left to the owner."""
 
-    - top_k > 0: only tokens whose scaled log-prob is at least the k-th largest stay (a token
-      tied with the k-th stays too, so a tie may keep more than k); 0, or k >= V, keeps all;
-    - top_p < 1: of what remains, renormalised, the smallest set of most likely tokens whose
-      probability reaches top_p (the most likely token is always kept).
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_up = torch.nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = torch.nn.Linear(d_ff, d_model, bias=False)
 
-    The filters act on the distribution exactly as given, so a model that hands over its exact
-    full distribution gets exact top-k / top-p sampling. The result need not sum to one
-    (`torch.multinomial` normalises)."""
-    top_k = _check_top_k(top_k)
-    if temperature <= 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature} (temperature <= 0 is greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    scaled = logprobs.float() / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth = scaled.topk(top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly before each token
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return probs
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
-def sample_next(
-    logprobs: torch.Tensor,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    top_k: int = 0,
-) -> torch.Tensor:
-    """Pick one token per row of `logprobs` [B, V]. temperature <= 0 is greedy (argmax; top_k
-    and top_p then change nothing); otherwise draw from `sampling_probs` (temperature, then
-    top-k, then top-p)."""
-    if temperature <= 0:
-        _check_top_k(top_k)
-        return logprobs.argmax(dim=-1)
-    probs = sampling_probs(logprobs, temperature, top_p, top_k)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def new_caches(layers: int, pad: Optional[torch.Tensor]) -> list[dict]:
+    """Empty per-layer KV caches for a prefill; `pad` (left padding per row) travels in each."""
+    return [{} if pad is None else {"pad": pad} for _ in range(layers)]
 
 
-def _normalise_stop(stop: Optional[Iterable]) -> list:
-    """Token ids and id sequences become tuples; callables are kept as they are."""
-    out = []
-    for s in stop or ():
-        if callable(s):
-            out.append(s)
-            continue
-        seq = (int(s),) if isinstance(s, int) or (torch.is_tensor(s) and s.ndim == 0) else tuple(int(t) for t in s)
-        if seq:
-            out.append(seq)
-    return out
-
-
-def _stop_length(tokens: list[int], stops: list) -> int:
-    """How many trailing tokens to drop because a stop condition just fired (-1: none fired).
-    A callable stop gets the row's new tokens and returns None/False, True (keep them all) or
-    the number of trailing tokens to drop, e.g. a string-matching stop from an evaluator."""
-    for s in stops:
-        if callable(s):
-            hit = s(tokens)
-            if hit is None or hit is False:
-                continue
-            return 0 if hit is True else int(hit)
-        elif len(tokens) >= len(s) and tuple(tokens[-len(s):]) == s:
-            return len(s)
-    return -1
-
-
-@torch.no_grad()
-def decode_loop(
-    step: DecodeStep,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    stop: Optional[Iterable] = None,
-    generator: Optional[torch.Generator] = None,
-    top_k: int = 0,
-) -> list[list[int]]:
-    """Generate up to `max_new_tokens` per row, each token chosen by `sample_next` (greedy at
-    temperature <= 0, else sampled after top-k then top-p filtering); a row ends right after it
-    produces a stop sequence (a token id or a sequence of ids), which is removed from the
-    returned tokens, or when a callable stop fires (see `_stop_length`). `top_k` comes last so
-    that callers passing the older arguments by position keep working."""
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError("input_ids must be a non-empty [B, T] tensor")
-    top_k = _check_top_k(top_k)  # a bad value fails before any model work
-    stops = _normalise_stop(stop)
-    batch = input_ids.shape[0]
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    logprobs, state = step(input_ids, None)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logprobs, temperature, top_p, generator, top_k)
-        for b in range(batch):
-            if done[b]:
-                continue
-            out[b].append(int(nxt[b]))
-            drop = _stop_length(out[b], stops)
-            if drop >= 0:
-                del out[b][len(out[b]) - drop :]
-                done[b] = True
-        if all(done):
-            break
-        logprobs, state = step(nxt[:, None], state)
-    return out
-
-
-class SoftmaxLM(torch.nn.Module):
+class SoftmaxLM(LanguageModel):
     """Base for models whose head gives logits over the whole vocabulary.
 
-    Subclasses set `self.max_seq_len` and implement `logits(input_ids) -> [B, T, V]`, or better
-    `logits(input_ids, keep=None)`, where `keep`, when given, is a slice of positions: only those
-    need a head projection (the projection onto a large vocabulary is often the biggest single
-    cost of scoring). A `logits` without `keep` works too; its output is sliced afterwards."""
+    Subclasses set `self.max_seq_len` and implement `logits(input_ids, keep=None) -> [B, T, V]`,
+    where `keep`, when given, is a slice of positions: only those need a head projection (the
+    projection onto a large vocabulary is often the biggest single cost of scoring). They get
+    `loss`, `score`, `token_logprobs` and `next_token_logprobs`; generation is the base class's
+    (cache-free unless the subclass declares `kv_cache` and writes `decode_step`)."""
 
-    max_seq_len: int
-
-    @property
-    def context_len(self) -> int:
-        """The most tokens one query may hold: the attention window, unless the model reads
-        further through a memory and sets `max_context_len` (HMST with its memory on)."""
-        return int(getattr(self, "max_context_len", None) or self.max_seq_len)
-
-    def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids, keep=None)")
-
-    def _logits_at(self, input_ids: torch.Tensor, keep: slice) -> torch.Tensor:
-        takes_keep = type(self).__dict__.get("_logits_takes_keep")  # cached per class, not inherited
-        if takes_keep is None:
-            takes_keep = "keep" in inspect.signature(self.logits).parameters
-            type(self)._logits_takes_keep = takes_keep
-        return self.logits(input_ids, keep=keep) if takes_keep else self.logits(input_ids)[:, keep]
+    @abc.abstractmethod
+    def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
+        """[B, T, V] scores whose log_softmax is the model's distribution (only `keep` columns)."""
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         logits = self.logits(batch["input_ids"])
@@ -282,7 +199,7 @@ class SoftmaxLM(torch.nn.Module):
         if live_cols.numel() == 0:
             return logprobs, greedy
         span = slice(int(live_cols[0]), int(live_cols[-1]) + 1)
-        logp = torch.log_softmax(self._logits_at(input_ids, span).float(), dim=-1)
+        logp = torch.log_softmax(self.logits(input_ids, keep=span).float(), dim=-1)
         wanted = targets[:, span].to(logp.device)
         live = wanted != IGNORE_INDEX
         got = logp.gather(-1, wanted.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -300,18 +217,10 @@ class SoftmaxLM(torch.nn.Module):
         if lengths is None:
             window = input_ids[:, -self.context_len :]
             last = window.shape[1] - 1
-            return torch.log_softmax(self._logits_at(window, slice(last, last + 1))[:, -1].float(), dim=-1)
+            return torch.log_softmax(self.logits(window, keep=slice(last, last + 1))[:, -1].float(), dim=-1)
         self._check_window(input_ids)
         last = lengths.to(input_ids.device).long() - 1
         lo, hi = int(last.min()), int(last.max())
-        logits = self._logits_at(input_ids, slice(lo, hi + 1))
+        logits = self.logits(input_ids, keep=slice(lo, hi + 1))
         picked = logits[torch.arange(len(last), device=logits.device), last - lo]
         return torch.log_softmax(picked.float(), dim=-1)
-
-    def decode_step(self, new_tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        """Cache-free step: re-encode the last `max_seq_len` tokens every time (O(n^2))."""
-        seq = new_tokens if state is None else torch.cat([state, new_tokens], dim=1)
-        return self.next_token_logprobs(seq), seq
-
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None, top_k=0):
-        return decode_loop(self.decode_step, input_ids, max_new_tokens, temperature, top_p, stop, generator, top_k)

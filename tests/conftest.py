@@ -110,3 +110,10 @@ def no_deprecations():
     finally:
         root.removeHandler(handler)
     assert [r.getMessage() for r in records] == []
+
+
+def row_generators(input_ids, seed: int) -> list:
+    """One seeded torch.Generator per row of `input_ids`, for `generate(..., generators=...)`."""
+    import torch
+
+    return [torch.Generator().manual_seed(seed + i) for i in range(len(input_ids))]

@@ -172,27 +172,6 @@ def test_top_k_from_the_task_reaches_generate(ours):
     assert k1 == greedy != hot
 
 
-class RecordingModel:
-    """Stands in for a run's model: records the keyword arguments of each generate call."""
-
-    max_seq_len = 64
-
-    def __init__(self):
-        self.calls = []
-
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, top_k=0):
-        self.calls.append({"temperature": temperature, "top_p": top_p, "top_k": top_k})
-        return [[]]
-
-
-class OldModel(RecordingModel):
-    """A plugin written before top_k existed: its generate has no top_k parameter."""
-
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None):
-        self.calls.append({"temperature": temperature, "top_p": top_p})
-        return [[]]
-
-
 GEN_ARGS = [
     ("a", {"until": [], "max_gen_toks": 3, "do_sample": True, "temperature": 0.7, "top_k": 40, "top_p": 0.9}),
     ("b", {"until": [], "max_gen_toks": 3, "do_sample": False, "top_k": 40}),
@@ -201,26 +180,31 @@ GEN_ARGS = [
 ]
 
 
-def test_adapter_passes_top_k_only_when_asked(ours, monkeypatch):
-    model = RecordingModel()
-    monkeypatch.setattr(ours, "model", model)
-    ours.generate_until(requests("generate_until", GEN_ARGS), disable_tqdm=True)
-    assert model.calls == [
+def test_task_arguments_become_sampling_arguments(ours):
+    got = [ours._sampling(kwargs)[0] for _, kwargs in GEN_ARGS]
+    assert got == [
         {"temperature": 0.7, "top_p": 0.9, "top_k": 40},
-        {"temperature": 0.0, "top_p": 1.0, "top_k": 0},  # greedy: top_k not passed
-        {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+        {"temperature": 0.0, "top_p": 1.0, "top_k": 0},  # greedy: the task's top_k is not used
+        {"temperature": 1.0, "top_p": 1.0, "top_k": 0},  # do_sample without a temperature: 1
         {"temperature": 1.2, "top_p": 1.0, "top_k": 5},
     ]
 
 
-def test_adapter_keeps_a_generate_without_top_k_working(ours, monkeypatch):
-    model = OldModel()
-    monkeypatch.setattr(ours, "model", model)
-    with pytest.warns(UserWarning, match="takes no top_k") as caught:
-        out = ours.generate_until(requests("generate_until", GEN_ARGS), disable_tqdm=True)
-    assert out == [""] * 4 and len(model.calls) == 4
-    assert sum("takes no top_k" in str(w.message) for w in caught) == 1  # once per call, not per request
-    assert model.calls[0] == {"temperature": 0.7, "top_p": 0.9}
+def test_batched_generation_equals_one_request_at_a_time(ours):
+    """Greedy and sampled answers do not depend on the batch size or on the other requests in a
+    batch; repeats of one sampled request (lm-eval's repeats) differ from each other."""
+    prompts = ["Githstin Datoth was born in", "The", "Question: Who founded Vyndum?\nAnswer:", "A"]
+    greedy = {"until": ["\n"], "max_gen_toks": 10}
+    sampled = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.3}
+    args = [(p, greedy) for p in prompts] + [(p, sampled) for p in prompts] + [(prompts[0], sampled)] * 2
+    answers = {}
+    for size in (1, 16):
+        ours.batch_size = size
+        answers[size] = ours.generate_until(requests("generate_until", args), disable_tqdm=True)
+    ours.batch_size = 32
+    alone = [ours.generate_until(requests("generate_until", [arg]), disable_tqdm=True)[0] for arg in args[:4]]
+    assert answers[1] == answers[16] and answers[16][:4] == alone
+    assert answers[16][8] != answers[16][9] or answers[16][8] != answers[16][4]  # repeats are not clones
 
 
 def test_request_cache_resumes_an_interrupted_evaluation(dense_run, tmp_path):

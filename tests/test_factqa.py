@@ -210,6 +210,8 @@ ROWS = [
 
 
 class FakeModel:
+    hallucination_detector = True
+
     def __init__(self, scores):
         self.scores, self.calls = scores, []
 

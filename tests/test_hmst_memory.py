@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hmst_bench import ConfigError
+from hmst_bench.model import LanguageModel
 from hmst_bench_hmst import memory as M
 from hmst_bench_hmst.model import HMSTModel
 from hmst_bench_hmst.plugin import HMST, SIZES, HMSTConfig, stage_config
@@ -114,36 +115,6 @@ def test_memory_is_read_and_is_causal_across_segments():
             # nothing before j moves (up to float noise: the experts' matmuls see other row sets)
             assert torch.allclose(out[:, :j], base[:, :j], atol=1e-6), j
             assert not torch.allclose(out[:, j:], base[:, j:])
-
-
-def test_kv_cached_decoding_equals_the_full_pass_across_segment_writes():
-    model = build()
-    ids = rand_ids(2, 6 * W, seed=2)
-    with torch.no_grad():
-        full = torch.log_softmax(model.logits(ids).float(), dim=-1)
-        state, steps = None, []
-        prompt = W + 5  # the prompt itself spans a segment write
-        lp, state = model.decode_step(ids[:, :prompt], None)
-        steps.append(lp)
-        for i in range(prompt, 6 * W):
-            lp, state = model.decode_step(ids[:, i : i + 1], state)
-            steps.append(lp)
-        assert state["mem"].segments == 5 and len(state["mem"].stores[0]) > 0  # the semantic tier was used
-    decoded = torch.stack(steps, dim=1)
-    assert torch.allclose(decoded, full[:, prompt - 1 :], atol=1e-5)
-
-
-def test_decoding_past_max_context_len_recomputes_the_last_max_context_len_tokens():
-    model = build(memory_max_segments=2)
-    ids = rand_ids(1, 2 * W + 3, seed=3)
-    with torch.no_grad():
-        lp, state = model.decode_step(ids[:, : 2 * W], None)
-        for i in range(2 * W, 2 * W + 3):
-            lp, state = model.decode_step(ids[:, i : i + 1], state)
-        expected = torch.log_softmax(model.logits(ids[:, -2 * W :])[:, -1].float(), dim=-1)
-    assert state.get("recompute") and torch.allclose(lp, expected, atol=1e-6)
-    greedy = model.generate(ids[:, :W], 3, temperature=0.0)[0]
-    assert len(greedy) == 3
 
 
 def test_right_padded_long_rows_score_as_each_row_alone():
@@ -327,12 +298,14 @@ def test_reads_of_the_longterm_store_are_exact_causal_and_reach_short_texts(monk
         out = model.logits(changed)
         base = model.logits(ids)
         assert torch.allclose(out[:, : W + 3], base[:, : W + 3], atol=1e-6)
-        lp, state = model.decode_step(ids[:, :5], None)
-        steps = [lp]
-        for i in range(5, ids.shape[1]):
-            lp, state = model.decode_step(ids[:, i : i + 1], state)
-            steps.append(lp)
-    assert torch.allclose(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5)
+        # continuations of one context read it once (score_continuations), long-term reads included
+        context, conts = ids[0, : 2 * W + 3].tolist(), [ids[1, :3].tolist(), ids[1, 3:4].tolist()]
+        shared = model.score_continuations(context, conts)
+        plain = LanguageModel.score_continuations(model, context, conts)
+    assert [round(a, 5) for a, _ in shared] == [round(b, 5) for b, _ in plain]
+    first = torch.tensor(context[1:] + conts[1][:1])
+    assert shared[1][0] == pytest.approx(float(full[0, 2 * W + 2, conts[1][0]]), abs=1e-5)
+    assert first.numel() == 2 * W + 3
 
 
 def test_the_longterm_store_is_saved_and_loaded_with_the_model(tmp_path):

@@ -1,8 +1,8 @@
-"""The shared sampler (`hmst_bench.modeling`: `sampling_probs`, `sample_next`, `decode_loop`,
-`SoftmaxLM.generate`): temperature, top-k and top-p on hand-computed distributions (top-k keeps
+"""The shared sampler (`hmst_bench.generation`: `sampling_probs`, `sample_next`, `generate_rows`,
+`LanguageModel.generate`): temperature, top-k and top-p on hand-computed distributions (top-k keeps
 exactly the k largest, renormalised; top-k is applied before top-p; top_k=1 is greedy), seeded
 sampling frequencies within binomial tolerance, agreement with transformers' own top-k/top-p
-warpers, and callers that pass the older arguments by position."""
+warpers, per-row generators (a row's sample does not depend on its batch mates) and stops."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from hmst_bench.modeling import SoftmaxLM, decode_loop, sample_next, sampling_probs
+from hmst_bench.generation import Sampling, generate_rows, sample_next, sampling_probs
+from hmst_bench.modeling import SoftmaxLM
 
 N_DRAWS = 40_000  # one multinomial draw per row; binomial sd <= 0.5 / sqrt(N) = 0.0025
 
@@ -118,37 +119,7 @@ def test_bad_top_k_is_refused(bad):
     with pytest.raises(ValueError, match="top_k must be a non-negative integer"):
         sample_next(LOGPROBS[None], 1.0, top_k=bad)
     with pytest.raises(ValueError, match="top_k must be a non-negative integer"):
-        decode_loop(lambda new, state: (LOGPROBS[None], None), torch.zeros(1, 1, dtype=torch.long), 2, top_k=bad)
-
-
-# ----------------------------------------------------------------------------- decode_loop
-
-
-def fixed_step(logprobs: torch.Tensor):
-    """A step whose next-token distribution is always `logprobs`, whatever came before."""
-
-    def step(new_tokens, state):
-        return logprobs.expand(new_tokens.shape[0], -1), None
-
-    return step
-
-
-def test_decode_loop_passes_top_k():
-    prompt = torch.zeros(N_DRAWS // 8, 1, dtype=torch.long)
-    rows = decode_loop(fixed_step(LOGPROBS), prompt, 8, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(7))
-    p0 = 1 / (1 + math.exp(-0.5))
-    assert_frequencies(torch.tensor(rows), torch.tensor([p0, 0.0, 1 - p0, 0.0, 0.0]))
-    greedy = decode_loop(fixed_step(LOGPROBS), prompt[:4], 5)
-    assert greedy == decode_loop(fixed_step(LOGPROBS), prompt[:4], 5, temperature=3.0, top_k=1) == [[0] * 5] * 4
-
-
-def test_decode_loop_positional_arguments_unchanged():
-    """Plugins call decode_loop(step, ids, n, temperature, top_p, stop, generator) by position."""
-    prompt = torch.zeros(3, 2, dtype=torch.long)
-    a = decode_loop(fixed_step(LOGPROBS), prompt, 6, 1.0, 0.9, [3], torch.Generator().manual_seed(8))
-    b = decode_loop(fixed_step(LOGPROBS), prompt, 6, temperature=1.0, top_p=0.9, stop=[3],
-                    generator=torch.Generator().manual_seed(8), top_k=0)
-    assert a == b
+        FixedLM(LOGITS).generate(torch.zeros(1, 1, dtype=torch.long), 2, top_k=bad)
 
 
 # ----------------------------------------------------------------------------- SoftmaxLM
@@ -171,9 +142,34 @@ def test_softmax_lm_generate_top_k():
     model = FixedLM(LOGITS)
     prompt = torch.zeros(N_DRAWS // 4, 1, dtype=torch.long)
     with torch.no_grad():
-        rows = model.generate(prompt, 4, temperature=0.5, top_k=2, generator=torch.Generator().manual_seed(9))
+        rows = generate_rows(model, prompt.tolist(), 4, Sampling(temperature=0.5, top_k=2),
+                             generators=[torch.Generator().manual_seed(i) for i in range(len(prompt))])
         greedy = model.generate(prompt[:2], 3)
         k1 = model.generate(prompt[:2], 3, temperature=5.0, top_k=1)
     p0 = 1 / (1 + math.exp(-1.0))  # sigmoid(0.5 / 0.5)
     assert_frequencies(torch.tensor(rows), torch.tensor([p0, 0.0, 1 - p0, 0.0, 0.0]))
     assert greedy == k1 == [[0, 0, 0], [0, 0, 0]]
+
+
+def test_a_row_samples_the_same_alone_and_in_any_batch():
+    model = FixedLM(LOGITS)
+    seeds = [11, 12, 13, 14]
+    prompts = [[0], [1, 2], [3, 4, 0], [2]]
+    gens = lambda idx: [torch.Generator().manual_seed(seeds[i]) for i in idx]  # noqa: E731
+    with torch.no_grad():
+        together = generate_rows(model, prompts, 6, Sampling(temperature=1.0, top_p=0.9), generators=gens(range(4)))
+        alone = [generate_rows(model, [prompts[i]], 6, Sampling(temperature=1.0, top_p=0.9), generators=gens([i]))[0]
+                 for i in range(4)]
+        reordered = generate_rows(model, prompts[::-1], 6, Sampling(temperature=1.0, top_p=0.9), generators=gens([3, 2, 1, 0]))
+    assert together == alone == reordered[::-1]
+    assert len(set(map(tuple, together))) > 1  # the rows did not all draw the same tokens
+
+
+def test_stop_sequences_are_dropped_and_callable_stops_keep_their_tokens():
+    model = FixedLM(torch.tensor([0.0, 5.0, 0.0, 0.0, 0.0]))  # greedy: always token 1
+    stop_after = lambda n: (lambda tokens: len(tokens) >= n)  # noqa: E731 - fires, keeping every token
+    with torch.no_grad():
+        rows = generate_rows(model, [[0], [0, 2]], 5, stop=[(1, 1, 1), stop_after(2)])
+        assert rows == [[1, 1], [1, 1]]
+        assert generate_rows(model, [[0], [2, 2]], 5, stop=[(1, 1)]) == [[], []]
+        assert generate_rows(model, [[0]], 4) == [[1, 1, 1, 1]]

@@ -157,10 +157,11 @@ GOOD_FILES = {
                 self.down = nn.Linear(config.d_hidden, config.d_model)
                 self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-            def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+            def logits(self, input_ids: torch.Tensor, keep=None) -> torch.Tensor:
                 x = self.embed(input_ids)
                 x = x + self.down(torch.relu(self.up(x)))
-                return self.head(x)
+                out = self.head(x)
+                return out if keep is None else out[:, keep]
 
 
         def build(config, tokenizer):
@@ -381,6 +382,13 @@ def test_installed_plugin_is_listed_with_its_distribution(good_site):
     assert record["distribution"] == GOOD_DIST and record["version"] == "0.3.1"
     assert record["architectures"] == ["tp-bigram", "tp-bigram-metered"]
     assert record["hooks"] == ["register_architectures"]
+
+
+def test_the_plugin_passes_the_conformance_check(good_site):
+    """What a plugin author runs on their own architecture: `hmst-bench check`."""
+    proc = run_cli("check", "tp-bigram", env=_env(good_site))
+    assert "PASS causality" in proc.stdout and "FAIL" not in proc.stdout
+    assert "tp-bigram: 13 of 13 properties hold" in proc.stderr  # no KV cache declared: 13
 
 
 def test_plugin_registration_does_not_import_torch(good_site):

@@ -222,8 +222,9 @@ def _build_nan_model(config, tokenizer):
             self.head = torch.nn.Linear(16, config.vocab_size)
             self.calls = 0
 
-        def logits(self, input_ids):
-            return self.head(self.embed(input_ids))
+        def logits(self, input_ids, keep=None):
+            out = self.head(self.embed(input_ids))
+            return out if keep is None else out[:, keep]
 
         def loss(self, batch):
             self.calls += 1
@@ -284,9 +285,9 @@ def test_model_missing_part_of_the_contract_is_refused(fresh_registry, tmp_path)
     corpus = small_corpus(tmp_path)
     settings = TrainSettings(arch="half-model", size="micro", budget="1e9", corpus=str(corpus), out=tmp_path / "R",
                              overrides={"vocab_size": 300})
-    with pytest.raises(TrainError, match=r"half-model \(half-dist\) builds a model without loss, token_logprobs, "
-                                         r"next_token_logprobs, generate, max_seq_len"):
+    with pytest.raises(TrainError, match=r"half-model \(half-dist\) builds a Linear, not a hmst_bench.LanguageModel subclass"):
         train(settings)
+    assert not (tmp_path / "R" / "run.json").exists()
 
 
 def test_accumulation_and_mixed_precision(tmp_path):
@@ -294,6 +295,7 @@ def test_accumulation_and_mixed_precision(tmp_path):
                               "--out", str(tmp_path / "acc"), "--json").stdout)
     assert info["status"] == "complete"
     assert info["tokens"] == info["steps"] * 2 * 8 * 128  # two micro-batches per optimiser step
+    assert info["contract_version"] == 2  # the model contract the run was trained under
     assert info["training"]["mixed_precision"] == "bf16" and info["training"]["grad_accum"] == 2
     assert info["val_loss"] < 8.0  # finite and learning from ln(2048) = 7.62 at most a little above
 
@@ -321,11 +323,12 @@ def _build_staged(config, tokenizer):
             self.head = torch.nn.Linear(16, config.vocab_size)
             self.memory = torch.nn.Linear(16, 16) if config.memory else None
 
-        def logits(self, input_ids):
+        def logits(self, input_ids, keep=None):
             h = self.embed(input_ids)
             if self.memory is not None:
                 h = h + self.memory(h)
-            return self.head(h)
+            out = self.head(h)
+            return out if keep is None else out[:, keep]
 
     return Staged()
 
@@ -408,8 +411,9 @@ def _build_uniform(config, tokenizer):
             self.max_seq_len = config.max_seq_len
             self.w = torch.nn.Parameter(torch.ones(1))
 
-        def logits(self, input_ids):
-            return (self.w * 0).expand(*input_ids.shape, config.vocab_size)
+        def logits(self, input_ids, keep=None):
+            out = (self.w * 0).expand(*input_ids.shape, config.vocab_size)
+            return out if keep is None else out[:, keep]
 
     return Uniform()
 
@@ -504,10 +508,11 @@ def _build_counting(config, tokenizer):
             self.head = torch.nn.Linear(8, config.vocab_size)
             self.register_buffer("writes", torch.zeros((), dtype=torch.long))
 
-        def logits(self, input_ids):
+        def logits(self, input_ids, keep=None):
             if self.training:
                 self.writes += 1
-            return self.head(self.embed(input_ids))
+            out = self.head(self.embed(input_ids))
+            return out if keep is None else out[:, keep]
 
     return Counting()
 

@@ -21,6 +21,7 @@ import torch
 
 from conftest import run_cli
 from hmst_bench.budget import BudgetMeter, count_flops, parse_budget, uncounted_work
+from hmst_bench.model import LanguageModel
 from test_third_party import _assert_one_line_error, _env, _install, _read_run
 
 RNN_DIST = "hmst-bench-thirdparty-rnn"
@@ -91,16 +92,28 @@ def _(x):
     return torch.empty_like(x)
 
 
-class _WithCustomOp(torch.nn.Module):
-    def __init__(self, covers=(), declares=True):
+class _WithCustomOp(LanguageModel):
+    """Only what the meter reads: a forward through the custom op and the declarations."""
+
+    max_seq_len = 4
+
+    def __init__(self, covers=()):
         super().__init__()
         self.lin = torch.nn.Linear(4, 4, bias=False)
         self.extra_flops_covers = covers
-        if declares:
-            self.extra_flops = lambda batch: 10.0
 
     def forward(self, x):
         return _scaled_tanh(self.lin(x))
+
+    def loss(self, batch):  # the scoring contract is not exercised here
+        raise NotImplementedError
+
+    token_logprobs = next_token_logprobs = loss
+
+
+class _Declares(_WithCustomOp):
+    def extra_flops(self, batch):
+        return 10.0
 
 
 @pytest.mark.parametrize("covers, declares, uncounted, declared", [
@@ -111,7 +124,7 @@ class _WithCustomOp(torch.nn.Module):
     (("aten.*",), True, ["hmst_bench_test.scaled_tanh"], []),
 ])
 def test_meter_lists_a_custom_op_unless_the_model_declares_it(covers, declares, uncounted, declared):
-    model = _WithCustomOp(covers, declares)
+    model = (_Declares if declares else _WithCustomOp)(covers)
     calls = []
     meter = BudgetMeter(parse_budget("1e9"), on_uncounted=calls.append)
     x = torch.ones(3, 4)
@@ -194,9 +207,10 @@ RNN_FILES = {
                 self.rnn = layer(self.d, self.d, batch_first=True)
                 self.head = nn.Linear(self.d, config.vocab_size, bias=False)
 
-            def logits(self, input_ids):
+            def logits(self, input_ids, keep=None):
                 h, _ = self.rnn(self.embed(input_ids))
-                return self.head(h)
+                out = self.head(h)
+                return out if keep is None else out[:, keep]
 
 
         class DeclaredLSTM(RNNLM):

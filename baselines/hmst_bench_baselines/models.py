@@ -1,8 +1,8 @@
 """The dense baselines as hmst-bench models: a thin wrapper around a transformers causal LM.
 
 The wrapper adds nothing to the network; it only speaks the hmst-bench contract (loss on
-pre-shifted labels, exact token log-probs, generation through the shared `decode_loop` with
-transformers' KV cache) and writes a `save_pretrained` copy to `RUN/hf/` so that
+pre-shifted labels, exact token log-probs, batched generation on transformers' KV cache with the
+prompts left-padded behind an attention mask) and writes a `save_pretrained` copy to `RUN/hf/` so that
 `AutoModelForCausalLM.from_pretrained(RUN/hf)` and lm-eval's `HFLM` load the very same weights.
 """
 
@@ -18,6 +18,8 @@ from hmst_bench.util import atomic_dir
 
 
 class HFCausalLM(SoftmaxLM):
+    kv_cache = True
+
     def __init__(self, hf_model, tokenizer, max_seq_len: int):
         super().__init__()
         self.hf = hf_model
@@ -34,20 +36,22 @@ class HFCausalLM(SoftmaxLM):
             to_keep = torch.arange(keep.start, keep.stop, device=input_ids.device)
         return self.hf(input_ids=input_ids, use_cache=False, logits_to_keep=to_keep).logits
 
-    def decode_step(self, new_tokens: torch.Tensor, state: Any):
-        """KV-cached step. Once the sequence outgrows the window the cache cannot be cropped
-        exactly (positions would shift), so every further step re-encodes the last
-        `max_seq_len` tokens: exact, O(window^2) per token, and only past the window."""
-        if state is None:
-            seq, past = new_tokens, None
+    def decode_step(self, new_tokens: torch.Tensor, state: Any, pad: Optional[torch.Tensor] = None):
+        """KV-cached step on transformers' cache: the prefill's left padding is masked through the
+        attention mask, and every row counts its positions from its own first real token."""
+        decoding = state is not None
+        if not decoding:
+            t = new_tokens.shape[1]
+            cols = torch.arange(t, device=new_tokens.device)[None, :]
+            pad = torch.zeros(new_tokens.shape[0], dtype=torch.long, device=new_tokens.device) if pad is None else pad
+            mask, positions = (cols >= pad[:, None]).long(), (cols - pad[:, None]).clamp_min(0)
         else:
-            seq, past = torch.cat([state["seq"], new_tokens], dim=1), state["past"]
-        if past is not None and seq.shape[1] <= self.max_seq_len:
-            out = self.hf(input_ids=new_tokens, **hf_cache_arg(past), use_cache=True, logits_to_keep=1)
-        else:
-            out = self.hf(input_ids=seq[:, -self.max_seq_len :], use_cache=seq.shape[1] < self.max_seq_len, logits_to_keep=1)
+            mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+            positions = state["next"][:, None]
+        out = self.hf(input_ids=new_tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                      logits_to_keep=1, **hf_cache_arg(state["past"] if decoding else None))
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return logprobs, {"seq": seq, "past": hf_cache_of(out) if seq.shape[1] < self.max_seq_len else None}
+        return logprobs, {"mask": mask, "next": positions[:, -1] + 1, "past": hf_cache_of(out)}
 
     def export(self, run_dir: str | Path) -> None:
         """RUN/hf/: the same weights as a transformers checkpoint, with the tokenizer."""

@@ -11,8 +11,8 @@ Pieces, in the order lm-eval and the runner use them:
 - `process_greedy` / `process_samples`: lm-eval `process_results` for `factqa` (one greedy answer)
   and `factqa_sc` (m sampled answers, kept whole by the `keep_all` filter).
 - `postprocess`: the runner's "hallucination" postprocessor. For a record holding `factqa`, it
-  scores every greedy answer by its disagreement with the m samples and, when the model has a
-  `hallucination_scores(prompts, answers)` method, by that detector, and reports the AUROC of each
+  scores every greedy answer by its disagreement with the m samples and, when the model declares
+  `hallucination_detector` (contract v2), by its `hallucination_scores(prompts, answers)`, and reports the AUROC of each
   for predicting that a (non-abstaining) greedy answer is wrong.
 - `summary_rows`: those corpus-level numbers as rows of the eval table (`runner.summary_rows`'s
   format).
@@ -251,7 +251,7 @@ def _run_detector(model: Any, prompts: list[str], answers: list[str]) -> list[fl
     import torch
 
     with torch.no_grad():
-        scores = list(getattr(model, DETECTOR_METHOD)(prompts, answers))
+        scores = list(model.hallucination_scores(prompts, answers))
     if len(scores) != len(answers):
         raise ValueError(f"returned {len(scores)} scores for {len(answers)} answers")
     scores = [float(s) for s in scores]
@@ -302,8 +302,8 @@ def postprocess(record: dict, lm: Any, out_dir: Any = None) -> dict:
             **_scored([1.0 - r["agreement"] for _, _, r in answered], wrong),
         }
 
-    model = getattr(lm, "model", None)
-    if callable(getattr(model, DETECTOR_METHOD, None)):
+    model = getattr(lm, "model", None)  # lm-eval's own models (HFLM) have no hmst-bench model
+    if getattr(model, "hallucination_detector", False):
         detector: dict[str, Any] = {"method": DETECTOR_METHOD}
         try:
             scores = _run_detector(model, [_prompt(s) for s, _, _ in answered],

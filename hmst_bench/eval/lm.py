@@ -5,20 +5,23 @@ lm-eval's own CLI (`hmst-bench lm-eval --model hmst-bench --model_args run=DIR .
 Tokenisation, the empty-context prefix, context/continuation splitting, rolling windows and
 stop-sequence handling are lm-eval's own (`TemplateLM` and `lm_eval.models.utils`), so a
 dense baseline scores exactly as lm-eval's `HFLM` scores its `RUN/hf` copy. The model is only
-reached through the architecture contract (`hmst_bench.arch.LanguageModel`):
+reached through the model contract (`hmst_bench.LanguageModel`, v2):
 
 - context: the last `max_length` tokens (the model's window), or, for a model that reads
   further through a memory and says so with `max_context_len` (HMST), the last that many; a
   continuation longer than that is itself cut to its last tokens (`window_cuts` counts both);
 - loglikelihood: requests are deduplicated; a one-token continuation is read off
   `next_token_logprobs` of its context, so all the choices that share a context (A/B/C/D in
-  MMLU) cost one row together, and contexts are batched (right-padded, when the model takes
-  `lengths`); longer continuations are scored in right-padded batches through `score` (or
-  `token_logprobs`), sorted by length to keep padding small;
+  MMLU) cost one row together, and contexts are batched (right-padded, with `lengths`); longer
+  continuations are scored in right-padded batches through `score`, sorted by length to keep
+  padding small, or, for a model that reads past its window (`max_context_len`), grouped by
+  context through `score_continuations`, so each context is read once;
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of the model's context length;
-- generate_until: the model's own `generate` (KV cache where it has one), with lm-eval's stop
-  strings checked on the decoded text as tokens arrive, greedy or sampled; the prompt is cut
-  from the left to leave room for `max_gen_toks` (see `_prompt_room` for short windows).
+- generate_until: requests with equal generation arguments in batches through the model's
+  batched `generate` (KV cache where it has one), with lm-eval's stop strings checked on each
+  row's decoded text as tokens arrive, greedy or sampled (each row from its own seeded
+  generator); the prompt is cut from the left to leave room for `max_gen_toks` (see
+  `_prompt_room` for short windows).
 
 Each answer is handed to lm-eval's cache hook as soon as it exists, so with `use_cache` an
 interrupted evaluation resumes where it stopped.
@@ -27,7 +30,7 @@ interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import hashlib
 import logging
 import os
 import subprocess
@@ -45,6 +48,7 @@ from tqdm import tqdm
 from hmst_bench.arch import IGNORE_INDEX
 
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_SEED = 1234  # of each sampled row's own generator (see _row_generators)
 DEFAULT_MAX_GEN_TOKS = 256
 # under lm_eval's logger, so `hmst-bench eval` (which quiets lm_eval to ERROR and reports the
 # counts itself) stays quiet, while lm-eval's own CLI shows it as it shows HFLM's truncation warning
@@ -106,6 +110,7 @@ class HmstBenchLM(TemplateLM):
         max_length: Optional[int] = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         progress: bool = True,
+        seed: int = DEFAULT_SEED,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -128,12 +133,11 @@ class HmstBenchLM(TemplateLM):
         self.max_length = min(int(max_length), window) if max_length else window
         # a model with a memory (HMST) reads further back than its window: it gets the whole
         # context up to its `max_context_len`; every other model gets the last window
-        reach = int(getattr(self.model, "max_context_len", None) or window)
+        reach = int(self.model.max_context_len or window)
         self.max_context = min(int(max_length), reach) if max_length else reach
         self.max_gen_toks = int(max_gen_toks)
         self.progress = progress  # False: no tqdm bars (our CLI shows its own status)
-        self._score = getattr(self.model, "score", None)
-        self._ragged_next = "lengths" in inspect.signature(self.model.next_token_logprobs).parameters
+        self.seed = int(seed)
         # requests this process actually computed (the rest came from lm-eval's cache)
         self.computed = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}
         # (context, continuation) -> how the window cut it ("context", "continuation" or None),
@@ -224,6 +228,10 @@ class HmstBenchLM(TemplateLM):
                     token = key[1][0]
                     finish(key, (float(dist[token]), best == token))
 
+        # longer continuations of a model that reads past its window: each context read once
+        if self.model.max_context_len is not None:
+            self._score_shared_prefix(multi, finish)
+            multi = []
         # longer continuations: right-padded batches, scored at the continuation only
         multi.sort(key=lambda k: len(k[0]), reverse=True)
         for start in range(0, len(multi), self.batch_size):
@@ -234,22 +242,24 @@ class HmstBenchLM(TemplateLM):
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
+    def _score_shared_prefix(self, keys, finish) -> None:
+        """Multi-token continuations grouped by the context before them, each group scored by
+        `score_continuations`, which a memory model answers with one read of the context."""
+        groups: dict[tuple[int, ...], list] = {}
+        for key in keys:
+            inp, cont = key
+            groups.setdefault(inp[: len(inp) - len(cont) + 1], []).append(key)
+        for context, members in groups.items():
+            answers = self.model.score_continuations(list(context), [list(k[1]) for k in members])
+            for key, answer in zip(members, answers):
+                finish(key, answer)
+
+    @torch.no_grad()
     def _next_token_logprobs(self, contexts: list[tuple[int, ...]]) -> list[torch.Tensor]:
-        """Next-token log-distributions after each context: one right-padded batch when the
-        model's `next_token_logprobs` takes `lengths`, else batches of equal-length contexts."""
-        if self._ragged_next:
-            ids = self._right_padded(contexts)
-            lengths = torch.tensor([len(c) for c in contexts], device=self.device)
-            return list(self.model.next_token_logprobs(ids, lengths=lengths).float().cpu())
-        out: dict[int, torch.Tensor] = {}
-        by_len: dict[int, list[int]] = {}
-        for j, ctx in enumerate(contexts):
-            by_len.setdefault(len(ctx), []).append(j)
-        for idx in by_len.values():
-            ids = torch.tensor([contexts[j] for j in idx], dtype=torch.long, device=self.device)
-            dists = self.model.next_token_logprobs(ids).float().cpu()
-            out.update(zip(idx, dists))
-        return [out[j] for j in range(len(contexts))]
+        """Next-token log-distributions after each context, in one right-padded batch."""
+        ids = self._right_padded(contexts)
+        lengths = torch.tensor([len(c) for c in contexts], device=self.device)
+        return list(self.model.next_token_logprobs(ids, lengths=lengths).float().cpu())
 
     def _right_padded(self, rows) -> torch.Tensor:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
@@ -264,31 +274,13 @@ class HmstBenchLM(TemplateLM):
         targets = torch.full(ids.shape, IGNORE_INDEX, dtype=torch.long)
         for row, (inp, cont) in enumerate(keys):
             targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont)
-        targets = targets.to(self.device)
-        if self._score is not None:
-            logprobs, greedy = self._score(ids, targets)
-        else:
-            logprobs, greedy = self.model.token_logprobs(ids, targets), None
-        logprobs = logprobs.float().cpu()
+        logprobs, greedy = self.model.score(ids, targets.to(self.device))
+        logprobs, greedy = logprobs.float().cpu(), greedy.cpu()
         answers = []
         for row, (inp, cont) in enumerate(keys):
             span = slice(len(inp) - len(cont), len(inp))
-            total = float(logprobs[row, span].sum())
-            if greedy is not None:
-                is_greedy = bool(greedy[row, span].all())
-            else:
-                is_greedy = self._greedy_by_steps(inp, cont)
-            answers.append((total, is_greedy))
+            answers.append((float(logprobs[row, span].sum()), bool(greedy[row, span].all())))
         return answers
-
-    def _greedy_by_steps(self, inp, cont) -> bool:
-        """is_greedy for a model without `score`: one next-token distribution per token."""
-        prefix_len = len(inp) - len(cont) + 1
-        for k, token in enumerate(cont):
-            ids = torch.tensor([inp[: prefix_len + k]], dtype=torch.long, device=self.device)
-            if int(self.model.next_token_logprobs(ids)[0].argmax()) != token:
-                return False
-        return True
 
     def window_cuts(self, requests: Iterable[tuple[str, Any]]) -> dict[str, int]:
         """How many of these requests (their `args`) the context the model reads cut short:
@@ -379,44 +371,57 @@ class HmstBenchLM(TemplateLM):
 
         return check
 
+    def _sampling(self, gen_kwargs: dict) -> tuple[dict, list[str], int]:
+        """lm-eval's generation arguments as (our sampling arguments, stop strings, max_gen_toks)."""
+        kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode([self.eot_token_id], skip_special_tokens=False))
+        max_gen_toks = int(kwargs.pop("max_gen_toks"))
+        if not kwargs.get("do_sample"):
+            return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}, until, max_gen_toks
+        return {"temperature": float(kwargs.get("temperature") or 1.0), "top_p": float(kwargs.get("top_p") or 1.0),
+                "top_k": int(kwargs.get("top_k") or 0)}, until, max_gen_toks
+
+    def _row_generators(self, args: list[tuple]) -> list[torch.Generator]:
+        """One generator per sampled request, seeded from (seed, context, arguments, how many
+        identical requests came before it in this call): a row's sample never depends on its
+        batch mates or the batch size, and lm-eval's repeats of one request differ."""
+        seen: Counter = Counter()
+        out = []
+        for arg in args:
+            text = repr((self.seed, arg[0], sorted(arg[1].items()), seen[repr(arg)]))
+            seen[repr(arg)] += 1
+            g = torch.Generator(device=self.device)
+            g.manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
+            out.append(g)
+        return out
+
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        takes_top_k, warned_top_k = None, False  # whether the model's generate accepts top_k
-        out: list[str] = []
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
-            context, gen_kwargs = req.args
-            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-            max_gen_toks = int(kwargs.pop("max_gen_toks"))
-            do_sample = bool(kwargs.get("do_sample"))
-            temperature = float(kwargs.get("temperature") or 0.0) if do_sample else 0.0
-            if do_sample and temperature <= 0:
-                temperature = 1.0
-            top_p = float(kwargs.get("top_p") or 1.0) if do_sample else 1.0
-            top_k = int(kwargs.get("top_k") or 0) if do_sample else 0
-            extra = {}
-            if top_k > 0:  # passed only when asked for, so a generate without top_k still works
-                if takes_top_k is None:
-                    params = inspect.signature(self.model.generate).parameters.values()
-                    takes_top_k = any(p.name == "top_k" or p.kind is p.VAR_KEYWORD for p in params)
-                if takes_top_k:
-                    extra["top_k"] = top_k
-                elif not warned_top_k:
-                    warnings.warn(f"{type(self.model).__name__}.generate takes no top_k: the task's top_k={top_k} "
-                                  f"is ignored (sampling from the whole top-p nucleus)", stacklevel=2)
-                    warned_top_k = True
-            ids = self.tok_encode(context)[-self._prompt_room(max_gen_toks) :] or [self.prefix_token_id]
-            tokens = self.model.generate(
-                torch.tensor([ids], dtype=torch.long, device=self.device),
-                max_gen_toks,
-                temperature=temperature,
-                top_p=top_p,
-                stop=[self.eot_token_id, self._stop_when(until)],
-                **extra,
-            )[0]
-            text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
-            out.append(text)
-            self.cache_hook.add_partial("generate_until", req.args, text)
-            self.computed["generate_until"] += 1
-        return out
+        """Requests with equal generation arguments are decoded together in batches of
+        `batch_size`, longest prompt first; each answer is cached as its batch completes."""
+        args = [req.args for req in requests]
+        generators = self._row_generators(args)
+        groups: dict[str, list[int]] = {}
+        for i, (_, gen_kwargs) in enumerate(args):
+            groups.setdefault(repr(sorted(dict(gen_kwargs).items())), []).append(i)
+        out: list[Optional[str]] = [None] * len(args)
+        progress = tqdm(total=len(args), desc="generate_until", disable=disable_tqdm or not self.progress)
+        for members in groups.values():
+            sampling, until, max_gen_toks = self._sampling(args[members[0]][1])
+            room = self._prompt_room(max_gen_toks)
+            prompts = {i: self.tok_encode(args[i][0])[-room:] or [self.prefix_token_id] for i in members}
+            members.sort(key=lambda i: len(prompts[i]), reverse=True)
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start : start + self.batch_size]
+                ids = self._right_padded([prompts[i] for i in batch])
+                lengths = torch.tensor([len(prompts[i]) for i in batch], device=self.device)
+                rows = self.model.generate(ids, max_gen_toks, lengths=lengths, stop=[self.eot_token_id, self._stop_when(until)],
+                                           generators=[generators[i] for i in batch] if sampling["temperature"] > 0 else None,
+                                           **sampling)
+                for i, tokens in zip(batch, rows):
+                    out[i] = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
+                    self.cache_hook.add_partial("generate_until", args[i], out[i])
+                    self.computed["generate_until"] += 1
+                progress.update(len(batch))
+        progress.close()
+        return out  # type: ignore[return-value]

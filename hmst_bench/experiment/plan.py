@@ -361,6 +361,7 @@ def probe_step(spec, entry: ArchEntry, exp: Experiment, tok) -> dict:
     from hmst_bench.budget import count_flops, model_extra_flops
     from hmst_bench.data.corpora import load_corpus
     from hmst_bench.data.tokens import encode_corpus
+    from hmst_bench.model import ContractError, check_built
     from hmst_bench.train.context import LossModule, Recipe, make_optimizer
 
     # as the trainer does: replace() re-derives the fields that depend on these two
@@ -371,8 +372,11 @@ def probe_step(spec, entry: ArchEntry, exp: Experiment, tok) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = spec.build(config, tok)
-        if hasattr(model, "prepare"):
-            model.prepare(data.train)
+        try:
+            check_built(spec, model)
+        except ContractError as exc:
+            raise ExperimentError(str(exc)) from None
+        model.prepare(data.train)
         model.train()
         wrapped = LossModule(model)
         optimizer = make_optimizer(model, recipe)

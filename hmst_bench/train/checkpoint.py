@@ -104,8 +104,7 @@ def state_path(run_dir: str | Path) -> Path | None:
 def save_checkpoint(run_dir: str | Path, model, optimizer, scheduler, trainer_state: dict, scaler=None) -> None:
     with atomic_dir(Path(run_dir) / STATE_DIR) as tmp:
         save_model_file(model, tmp / "model.safetensors")
-        if hasattr(model, "save_artifacts"):  # in the same atomic folder, so always from the same step
-            model.save_artifacts(tmp)
+        model.save_artifacts(tmp)  # in the same atomic folder, so always from the same step
         _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
                      "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
         _torch_save({**trainer_state, "rng": rng_state()}, tmp / "trainer.pt")
@@ -127,12 +126,11 @@ def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, scaler=Non
     opt = _read(path / "optimizer.pt", lambda p: torch.load(p, weights_only=False))
     trainer = _read(path / "trainer.pt", lambda p: torch.load(p, weights_only=False))
     _read(path / "model.safetensors", lambda p: load_weights(model, p))
-    if hasattr(model, "load_artifacts"):
-        try:
-            model.load_artifacts(path)
-        except Exception as exc:
-            raise CheckpointDamaged(f"{path}: the model's artifacts cannot be loaded ({_why(exc)}): the run cannot "
-                                    "resume from this checkpoint; its files are kept") from None
+    try:
+        model.load_artifacts(path)
+    except Exception as exc:
+        raise CheckpointDamaged(f"{path}: the model's artifacts cannot be loaded ({_why(exc)}): the run cannot "
+                                "resume from this checkpoint; its files are kept") from None
     try:
         optimizer.load_state_dict(opt["optimizer"])
         if scheduler is not None and opt["scheduler"] is not None:

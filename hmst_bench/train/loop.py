@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 
 from hmst_bench.arch import ConfigError, config_from_dict, config_hash, config_to_dict
 from hmst_bench.budget import BudgetMeter, parse_budget
+from hmst_bench.model import CONTRACT_VERSION, ContractError, check_built
 from hmst_bench.train import rundir
 from hmst_bench.train.checkpoint import CheckpointDamaged, read_trainer_state
 from hmst_bench.train.context import LossModule, Recipe, TrainContext, TrainingDiverged, make_optimizer
@@ -306,17 +307,11 @@ def _tokenizer(settings: TrainSettings, choices: dict, config, corpus, recorded)
 
 
 def _check_contract(spec, model) -> None:
-    """Refuse, in one line, a plugin whose model misses part of the contract (arch.LanguageModel)."""
-    import torch
-
-    missing = [m for m in ("loss", "token_logprobs", "next_token_logprobs", "generate") if not callable(getattr(model, m, None))]
-    if not isinstance(model, torch.nn.Module):
-        missing.insert(0, "torch.nn.Module base class")
-    if not isinstance(getattr(model, "max_seq_len", None), int):
-        missing.append("max_seq_len")
-    if missing:
-        raise TrainError(f"{spec.name} ({spec.distribution or 'plugin'}) builds a model without {', '.join(missing)}; "
-                         "see docs/plugin-guide.md")
+    """Refuse, in one line, a plugin whose model is not a `hmst_bench.LanguageModel`."""
+    try:
+        check_built(spec, model)
+    except ContractError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def count_params(model) -> tuple[int, int]:
@@ -325,8 +320,7 @@ def count_params(model) -> tuple[int, int]:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    active = model.num_active_params() if hasattr(model, "num_active_params") else total
-    return total, int(active)
+    return total, int(model.num_active_params())
 
 
 def shared_loop(ctx: TrainContext) -> None:
@@ -513,11 +507,10 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
             rundir.load_weights(model, out / rundir.WEIGHTS_FILE, allow_missing=True)
         except rundir.RunError as exc:
             raise TrainError(f"cannot start stage {choices['stage']} from the earlier stage: {exc}") from None
-        if hasattr(model, "load_artifacts"):
-            model.load_artifacts(out)
+        model.load_artifacts(out)
     elif not resuming and choices["init_from"]:
         _load_init(model, Path(choices["init_from"]["run"]))
-    elif not resuming and hasattr(model, "prepare"):
+    elif not resuming:
         model.prepare(data.train)  # state derived from the training data, e.g. a Huffman tree
     model.train()
     params_total, params_active = count_params(model)
@@ -570,6 +563,7 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
         "tokenizer": tok_info, "training": {**recipe.as_dict(), "world_size": accelerator.num_processes,
                      "save_every": save_every, "eval_every": eval_every},
         "versions": rundir.versions((spec.distribution,) if spec.distribution else ()),
+        "contract_version": CONTRACT_VERSION,
         "git_sha": rundir.git_sha(), "hardware": rundir.hardware(),
     })
     info.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -579,10 +573,12 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
             info.pop(stale, None)
         tps = ctx.tokens_per_step
         fps = meter.flops_per_step
-        if "flop_shares" not in info and meter.steps and callable(getattr(model, "flop_shares", None)):
+        if "flop_shares" not in info and meter.steps:
             # once per run, after the first step (a resumed model has its artifacts back by then)
             with torch.random.fork_rng(devices=[]), torch.no_grad():
-                info["flop_shares"] = {k: round(float(v), 6) for k, v in model.flop_shares(ctx.batches(0)[0]).items()}
+                shares = model.flop_shares(ctx.batches(0)[0])
+            if shares:
+                info["flop_shares"] = {k: round(float(v), 6) for k, v in shares.items()}
         if ctx.data is not data and callable(getattr(ctx.data, "describe", None)):
             info["stage_data"] = ctx.data.describe()  # a stage runner trains on its own data
         info.update({
@@ -646,11 +642,10 @@ def _load_init(model, run: Path) -> None:
         rundir.load_weights(model, run / rundir.WEIGHTS_FILE)
     except rundir.RunError as exc:
         raise TrainError(f"cannot start from {run}: {exc}") from None
-    if hasattr(model, "load_artifacts"):
-        try:
-            model.load_artifacts(run)
-        except (OSError, ValueError) as exc:
-            raise TrainError(f"cannot start from {run}: cannot load the model's artifacts: {exc}") from None
+    try:
+        model.load_artifacts(run)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot start from {run}: cannot load the model's artifacts: {exc}") from None
 
 
 def _write_errno(exc: BaseException) -> Optional[int]:

@@ -124,10 +124,8 @@ def publish_model(run_dir: str | Path, model, config_dict: dict) -> None:
     """Top-level copies for users and `load_run`: weights, config, the model's artifacts
     (`save_artifacts`) and extra export formats (`export`, e.g. RUN/hf/)."""
     save_weights(run_dir, model, config_dict)
-    if hasattr(model, "save_artifacts"):
-        model.save_artifacts(Path(run_dir))
-    if hasattr(model, "export"):
-        model.export(Path(run_dir))
+    model.save_artifacts(Path(run_dir))
+    model.export(Path(run_dir))
 
 
 def load_weights(model, path: str | Path, allow_missing: bool = False) -> None:
@@ -271,16 +269,21 @@ def load_run(path: str | Path, device: str | None = None) -> Run:
         raise RunError(f"{path}: {exc}") from None
     if len(tokenizer) != config.vocab_size:
         raise RunError(f"{path}: tokenizer has {len(tokenizer)} tokens but the config says {config.vocab_size}")
+    from hmst_bench.model import ContractError, check_built
+
     model = spec.build(config, tokenizer)
+    try:
+        check_built(spec, model)
+    except ContractError as exc:
+        raise RunError(f"{path}: {exc}") from None
     try:
         load_weights(model, weights)
     except SafetensorError as exc:  # a cut or overwritten file: its header or data do not add up
         raise RunError(f"{weights} is truncated or corrupt ({exc}); restore it, or train the run again") from None
-    if hasattr(model, "load_artifacts"):
-        try:
-            model.load_artifacts(path)
-        except (OSError, ValueError) as exc:
-            raise RunError(f"{path}: cannot load the model's artifacts: {exc}") from None
+    try:
+        model.load_artifacts(path)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: cannot load the model's artifacts: {exc}") from None
     if device:
         model.to(device)
     model.eval()

@@ -4,7 +4,8 @@ Meets the model contract (`hmst_bench.arch.LanguageModel`) itself, since the hea
 softmax: `loss` and `token_logprobs` touch only each target's path; `score`,
 `next_token_logprobs` and generation use the full exact distribution. The Huffman tree is built
 in `prepare` from the training split's token counts and saved as an artifact (`hsm_tree.npz`)
-with every checkpoint; generation keeps GPT-2's KV cache, and greedy, top-k and top-p decoding
+with every checkpoint; batched generation keeps GPT-2's KV cache (prompts left-padded behind an
+attention mask), and greedy, top-k and top-p decoding
 choose from the exact full distribution. `decode="descent"` switches generation to the
 approximate tree descent (greedy only; sampling is refused).
 """
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from hmst_bench.arch import IGNORE_INDEX
-from hmst_bench.modeling import decode_loop, hf_cache_arg, hf_cache_of
+from hmst_bench.model import LanguageModel
+from hmst_bench.modeling import hf_cache_arg, hf_cache_of
 from hmst_bench.util import atomic_save
 from hmst_bench_gpt2_hsm.head import HSMHead
 from hmst_bench_gpt2_hsm.tree import HuffmanTree, build_tree
@@ -26,7 +28,9 @@ from hmst_bench_gpt2_hsm.tree import HuffmanTree, build_tree
 TREE_FILE = "hsm_tree.npz"
 
 
-class GPT2HSM(torch.nn.Module):
+class GPT2HSM(LanguageModel):
+    kv_cache = True
+
     def __init__(self, config, tokenizer):
         super().__init__()
         from transformers import GPT2Config, GPT2Model
@@ -100,7 +104,7 @@ class GPT2HSM(torch.nn.Module):
         h = self.hidden(input_ids)
         live = targets != IGNORE_INDEX
         out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
-        out[live] = self.head.path_logprobs(h[live], targets[live].to(h.device), approximate=self._approximate())
+        out[live] = self.head.path_logprobs(h[live], targets[live].to(h.device), approximate=self._approximate()).float()
         return out
 
     def score(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +113,7 @@ class GPT2HSM(torch.nn.Module):
         logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
         greedy = torch.ones(targets.shape, dtype=torch.bool, device=h.device)
         wanted = targets[live].to(h.device)
-        logprobs[live] = self.head.path_logprobs(h[live], wanted, approximate=self._approximate())
+        logprobs[live] = self.head.path_logprobs(h[live], wanted, approximate=self._approximate()).float()
         greedy[live] = self.head.all_logprobs(h[live], approximate=self._approximate()).argmax(-1) == wanted
         return logprobs, greedy
 
@@ -119,16 +123,21 @@ class GPT2HSM(torch.nn.Module):
         else:
             last = lengths.to(input_ids.device).long() - 1
             h = self.hidden(input_ids)[torch.arange(len(last), device=input_ids.device), last]
-        return self.head.all_logprobs(h, approximate=self._approximate())
+        return self.head.all_logprobs(h, approximate=self._approximate()).float()
 
-    def decode_step(self, new_tokens: torch.Tensor, state: Any):
-        """KV-cached step through the backbone; past the window, re-encode the last window."""
-        seq = new_tokens if state is None else torch.cat([state["seq"], new_tokens], dim=1)
-        past = None if state is None else state["past"]
-        if past is not None and seq.shape[1] <= self.max_seq_len:
-            out = self.backbone(input_ids=new_tokens, **hf_cache_arg(past), use_cache=True)
+    def decode_step(self, new_tokens: torch.Tensor, state: Any, pad: Optional[torch.Tensor] = None):
+        """KV-cached step through the backbone, the prefill's left padding masked through the
+        attention mask and every row's positions counted from its first real token."""
+        decoding = state is not None
+        if not decoding:
+            cols = torch.arange(new_tokens.shape[1], device=new_tokens.device)[None, :]
+            pad = torch.zeros(new_tokens.shape[0], dtype=torch.long, device=new_tokens.device) if pad is None else pad
+            mask, positions = (cols >= pad[:, None]).long(), (cols - pad[:, None]).clamp_min(0)
         else:
-            out = self.backbone(input_ids=seq[:, -self.max_seq_len :], use_cache=seq.shape[1] < self.max_seq_len)
+            mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+            positions = state["next"][:, None]
+        out = self.backbone(input_ids=new_tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **hf_cache_arg(state["past"] if decoding else None))
         h = out.last_hidden_state[:, -1]
         if self.config.decode == "descent":
             tokens = self.head.descend(h)
@@ -136,10 +145,10 @@ class GPT2HSM(torch.nn.Module):
             logprobs[torch.arange(h.shape[0]), tokens] = 0.0  # the descended token, chosen outright
         else:
             logprobs = self.head.all_logprobs(h, approximate=self._approximate())
-        return logprobs, {"seq": seq, "past": hf_cache_of(out) if seq.shape[1] < self.max_seq_len else None}
+        return logprobs, {"mask": mask, "next": positions[:, -1] + 1, "past": hf_cache_of(out)}
 
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, generator=None, top_k=0):
-        """Exact mode: every step hands `decode_loop` the full exact distribution
+    def generate(self, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, top_k=0, **kwargs):
+        """Exact mode: every step hands the shared loop the full exact distribution
         (`all_logprobs`, all V leaves), so greedy, temperature, top-k and top-p choose from it
         exactly at any temperature (with prf_eval, the FAVOR+ distribution, still normalised,
         is the one used). Descent mode is greedy tree descent only: it has no
@@ -150,4 +159,4 @@ class GPT2HSM(torch.nn.Module):
                 f"decode='descent' is approximate greedy tree descent; sampling (temperature={temperature}, "
                 f"top_k={top_k}, top_p={top_p}) needs decode='exact'"
             )
-        return decode_loop(self.decode_step, input_ids, max_new_tokens, temperature, top_p, stop, generator, top_k)
+        return super().generate(input_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, **kwargs)

@@ -40,6 +40,7 @@ measures them (FAISS's distance counts) and the stage-2 runner charges them step
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from pathlib import Path
@@ -133,11 +134,28 @@ class DocMemory:
         self.search_flops = 0  # FAISS distance FLOPs actually spent (what memory_extra_flops predicts)
         self.longterm_flops = 0  # FAISS distance FLOPs of the long-term store's searches
         self.consolidated: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per write: ids [B, n], vectors [B, n, m], usage [B, n]
+        self.shared_stores = False  # set by `rows_for_reading`: the stores may not be written
+
+    def rows_for_reading(self, n: int) -> "DocMemory":
+        """This one-row memory as n identical rows that may be read but not written (the
+        continuations of one context): its tensors expanded, its semantic store shared, which
+        is safe because only a write changes a store."""
+        if self.batch != 1:
+            raise ValueError(f"rows_for_reading copies a one-row memory, this one has {self.batch} rows")
+        clone = copy.copy(self)
+        clone.batch, clone.shared_stores, clone.consolidated = n, True, []
+        clone.stores = self.stores * n
+        grow = lambda t: None if t is None else t.expand(n, *t.shape[1:])  # noqa: E731
+        clone.state, clone.buffer, clone.usage = grow(self.state), grow(self.buffer), grow(self.usage)
+        clone.bank = [grow(b) for b in self.bank]
+        return clone
 
     # ------------------------------------------------------------------ writing
 
     def write(self, h: torch.Tensor) -> None:
         """Write a finished segment's final hidden states h [B, L, d] (L a multiple of the chunk)."""
+        if self.shared_stores:
+            raise RuntimeError("this memory shares its semantic store between rows (rows_for_reading): it cannot be written")
         if h.shape[1] % self.chunk:
             raise ValueError(f"a written segment has {h.shape[1]} tokens, not a multiple of memory_chunk={self.chunk}")
         x = self.modules.write(h)

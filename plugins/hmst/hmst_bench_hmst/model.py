@@ -10,18 +10,17 @@ One forward pass (`forward_all`) gives the final hidden states, the logits (only
 positions) and the routing statistics; `encode`, `logits` and `loss` all use it, so a query
 costs one pass. `loss` = next-token cross-entropy + balance_coef * balance + z_loss_coef * z.
 
-Decoding is KV-cached and exact: each layer keeps the keys and values of the positions seen so
-far. RoPE tables cover exactly the window; once the sequence outgrows the window, positions would
-shift, so every further step re-encodes the last `max_seq_len` tokens (exact, O(window^2) per
-token, as dense-llama does). No position beyond the window is ever indexed.
+Decoding (without memory) is KV-cached and exact: each layer keeps the keys and values of the
+positions seen so far, prompts left-padded behind a mask. RoPE tables cover exactly the window;
+past it the shared generation loop re-reads the last window (`hmst_bench.generation`). No
+position beyond the window is ever indexed.
 
 With memory (`config.memory`), a text longer than the window is read in window-sized segments
 aligned from its first token: attention sees the current segment, the memory reader (after block
 `memory_layer`) what earlier segments wrote (see `memory.py`). `logits`, `loss`, `score` and
 decoding all follow that one reading, up to `max_context_len` = memory_max_segments windows
-(longer queries keep their last max_context_len tokens). Decoding stays exact and cached: the KV
-cache covers the current segment, and when a segment fills, its hidden states are written to the
-memory and the cache starts afresh. With memory, every text (even one within the window) also
+(longer queries keep their last max_context_len tokens). With memory, decoding re-reads each
+row (no KV cache: segments are aligned from a row's first token, which left padding would shift). With memory, every text (even one within the window) also
 reads the run's long-term store (`memory.LongTermMemory`, filled by stage 2 and saved with the run
 through `save_artifacts`). Without memory the model is the plain MoE LM above.
 """
@@ -36,42 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmst_bench.arch import IGNORE_INDEX
-from hmst_bench.modeling import RMSNorm, SoftmaxLM, apply_rope, causal_attention, rope_tables
+from hmst_bench.modeling import Attention, RMSNorm, SoftmaxLM, SwiGLU, new_caches, rope_at, rope_tables
 from hmst_bench_hmst.memory import DocMemory, LongTermMemory, MemoryModules, memory_extra_flops
 from hmst_bench_hmst.moe import MoE, RouterStats
-
-
-class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, init_std: float, out_std: float):
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
-        nn.init.normal_(self.qkv.weight, std=init_std)
-        nn.init.normal_(self.out.weight, std=out_std)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[dict]) -> torch.Tensor:
-        """x [B, t, d] at the positions of cos/sin. With a cache (decoding) earlier keys and
-        values are read from it and this call's appended."""
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
-
-
-class SwiGLU(nn.Module):
-    """The dense feed-forward of layers without experts (moe_every > 1)."""
-
-    def __init__(self, d_model: int, d_ff: int, init_std: float, out_std: float):
-        super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
-        nn.init.normal_(self.gate_up.weight, std=init_std)
-        nn.init.normal_(self.down.weight, std=out_std)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up), None
 
 
 class Block(nn.Module):
@@ -79,15 +45,22 @@ class Block(nn.Module):
         super().__init__()
         out_std = config.init_std / math.sqrt(2 * config.n_layers)
         self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.attn = Attention(config.d_model, config.n_heads, config.init_std, out_std)
+        self.attn = Attention(config.d_model, config.n_heads)
+        nn.init.normal_(self.attn.qkv.weight, std=config.init_std)
+        nn.init.normal_(self.attn.out.weight, std=out_std)
         self.ffn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.use_moe = use_moe
         if use_moe:
             self.ffn = MoE(config.d_model, config.expert_d_ff, config.n_experts, config.top_k, config.init_std)
-        else:
-            self.ffn = SwiGLU(config.d_model, config.expert_d_ff, config.init_std, out_std)
+        else:  # the dense feed-forward of layers without experts (moe_every > 1)
+            self.ffn = SwiGLU(config.d_model, config.expert_d_ff)
+            nn.init.normal_(self.ffn.gate_up.weight, std=config.init_std)
+            nn.init.normal_(self.ffn.down.weight, std=out_std)
 
     def forward(self, h, cos, sin, cache=None) -> tuple[torch.Tensor, Optional[RouterStats]]:
         h = h + self.attn(self.attn_norm(h), cos, sin, cache)
+        if not self.use_moe:
+            return h + self.ffn(self.ffn_norm(h)), None
         y, stats = self.ffn(self.ffn_norm(h))
         return h + y, stats
 
@@ -96,6 +69,9 @@ class HMSTModel(SoftmaxLM):
     def __init__(self, config, tokenizer=None):
         super().__init__()
         self.config = config
+        # cached decoding of left-padded rows; with memory, decoding re-reads (segments are
+        # aligned from each row's first token, which left padding would shift)
+        self.kv_cache = not config.memory
         self.max_seq_len = config.max_seq_len
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         nn.init.normal_(self.embed.weight, std=config.init_std)
@@ -122,14 +98,12 @@ class HMSTModel(SoftmaxLM):
 
     def forward_all(self, input_ids: torch.Tensor, keep: Optional[slice] = None, start: int = 0,
                     caches: Optional[list] = None, mem: Optional[DocMemory] = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+                    pad: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
         """(final hidden states [B, T, d], logits [B, T or len(keep), V], routing stats per MoE
-        layer) from one pass over input_ids, which sit at positions start .. start + T - 1 of
-        the window; `mem`: the memory of earlier segments, read after block memory_layer."""
-        t = input_ids.shape[1]
-        if start + t > self.max_seq_len:
-            raise ValueError(f"positions up to {start + t} exceed the model's window of {self.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        layer) from one pass over input_ids, which sit at columns start .. start + T - 1 of the
+        window (positions: columns less each row's left padding `pad`, when decoding a padded
+        batch); `mem`: the memory of earlier segments, read after block memory_layer."""
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, start, input_ids.shape[1], pad)
         h = self.embed(input_ids)
         stats = []
         for i, layer in enumerate(self.layers):
@@ -158,6 +132,35 @@ class HMSTModel(SoftmaxLM):
             yield a, h, logits, stats
             if a + w < total:
                 mem.write(h)
+
+    def score_continuations(self, context, continuations) -> list[tuple[float, bool]]:
+        """With memory: the context's whole segments are read once into a one-row memory; each
+        continuation then reads only the rest (the context's last partial segment and itself)
+        from a read-only copy of it. Equal to scoring every row from its first token, and the
+        default's cost whenever a row would have to write another segment."""
+        w, n_ctx = self.max_seq_len, len(context)
+        a = (n_ctx - 1) // w * w  # segments before column a hold context tokens only
+        rows = [list(context) + list(c) for c in continuations]
+        if self.memory is None or a == 0 or max(map(len, rows)) - 1 - a > w:
+            return super().score_continuations(context, continuations)
+        device = self.embed.weight.device
+        prefix = torch.tensor([list(context[:a])], dtype=torch.long, device=device)
+        mem = self.new_memory(1)
+        for s in range(0, a, w):
+            mem.write(self.forward_all(prefix[:, s : s + w], slice(0, 0), 0, None, mem)[0])
+        tails = [r[a:-1] for r in rows]
+        ids = torch.zeros((len(rows), max(map(len, tails))), dtype=torch.long)
+        for b, tail in enumerate(tails):
+            ids[b, : len(tail)] = torch.tensor(tail)
+        first = n_ctx - 1 - a  # the tail column that predicts each continuation's first token
+        logits = self.forward_all(ids.to(device), slice(first, ids.shape[1]), 0, None, mem.rows_for_reading(len(rows)))[1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        out = []
+        for b, cont in enumerate(continuations):
+            got = logp[b, : len(cont)]
+            target = torch.tensor(list(cont), device=got.device)
+            out.append((float(got.gather(-1, target[:, None]).sum()), bool((got.argmax(-1) == target).all())))
+        return out
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
@@ -234,46 +237,13 @@ class HMSTModel(SoftmaxLM):
 
     # ------------------------------------------------------------------ decoding
 
-    def decode_step(self, new_tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, dict]:
-        """Exact KV-cached step; past the window (past max_context_len with memory), re-encode
-        the last max_seq_len (max_context_len) tokens."""
-        seq = new_tokens if state is None else torch.cat([state["seq"], new_tokens], dim=1)
-        if self.memory is not None:
-            return self._memory_step(seq, new_tokens, state)
-        if seq.shape[1] > self.max_seq_len:
-            return self.next_token_logprobs(seq), {"seq": seq, "caches": None}
+    def decode_step(self, new_tokens: torch.Tensor, state: Any, pad: Optional[torch.Tensor] = None,
+                    ) -> tuple[torch.Tensor, dict]:
+        """Exact KV-cached step (without memory): each layer keeps the keys and values of the
+        columns seen so far; the prefill's left padding is masked and not counted as positions."""
         if state is None:
-            caches, tokens, start = [{} for _ in self.layers], seq, 0
-        else:
-            caches, tokens, start = state["caches"], new_tokens, seq.shape[1] - new_tokens.shape[1]
-        last = tokens.shape[1] - 1
-        logits = self.forward_all(tokens, slice(last, last + 1), start, caches)[1]
-        return torch.log_softmax(logits[:, -1].float(), dim=-1), {"seq": seq, "caches": caches}
-
-    def _memory_step(self, seq: torch.Tensor, new_tokens: torch.Tensor, state: Optional[dict]) -> tuple[torch.Tensor, dict]:
-        """Decoding with memory: the current segment's KV cache; a full segment is written to
-        the memory (from the hidden states kept for it) before the next token starts a new one."""
-        if seq.shape[1] > self.context_len:
-            return self.next_token_logprobs(seq), {"seq": seq, "recompute": True}
-        if state is None:
-            state = {"mem": self.new_memory(seq.shape[0]), "caches": [{} for _ in self.layers],
-                     "hidden": [], "segment_start": 0}
-            tokens = seq
-        else:
-            state = dict(state)
-            tokens = new_tokens
-        w = self.max_seq_len
-        pos = seq.shape[1] - tokens.shape[1]
-        logits = None
-        while tokens.shape[1]:
-            if pos - state["segment_start"] == w:
-                state["mem"].write(torch.cat(state["hidden"], dim=1))
-                state.update(caches=[{} for _ in self.layers], hidden=[], segment_start=pos)
-            take = min(tokens.shape[1], w - (pos - state["segment_start"]))
-            h, logits, _ = self.forward_all(tokens[:, :take], slice(take - 1, take), pos - state["segment_start"],
-                                            state["caches"], state["mem"])
-            state["hidden"].append(h)
-            pos += take
-            tokens = tokens[:, take:]
-        state["seq"] = seq
+            state = {"caches": new_caches(len(self.layers), pad), "col": 0, "pad": pad}
+        t = new_tokens.shape[1]
+        logits = self.forward_all(new_tokens, slice(t - 1, t), state["col"], state["caches"], pad=state["pad"])[1]
+        state = {**state, "col": state["col"] + t}
         return torch.log_softmax(logits[:, -1].float(), dim=-1), state

@@ -21,8 +21,9 @@ with stablemax the model's distribution is the stablemax one, so `logits()` then
 log_stablemax scores (already normalised: the shared log_softmax leaves them unchanged) and
 scoring, evaluation and decoding all use the distribution that was trained.
 
-Generation is the shared `SoftmaxLM` decode loop recomputing the whole cropped prefix per token
-(see README: a KV cache cannot be exact because every cycle changes earlier positions' states).
+Generation is the shared batched loop (`hmst_bench.generation`) on an exact KV cache kept per
+module call (`decode_step`): every call is causal, so a new token changes no earlier position's
+state in any call.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmst_bench.arch import IGNORE_INDEX
-from hmst_bench.modeling import SoftmaxLM, apply_rope, causal_attention, rope_tables
+from hmst_bench.modeling import Attention, SoftmaxLM, SwiGLU, new_caches, rope_at, rope_tables
 
 
 def trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
@@ -62,42 +63,9 @@ def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.log(s) - torch.log(s.sum(dim=dim, keepdim=True))
 
 
-class Linear(nn.Module):
-    """Bias-free linear layer, truncated LeCun-normal init (std 1/sqrt(fan_in))."""
-
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(trunc_normal_(torch.empty(d_out, d_in), 1.0 / math.sqrt(d_in)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-
-class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = Linear(d_model, 3 * d_model)
-        self.out = Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
-        """x [B, t, d] at the positions cos/sin belong to. With `cache` (decoding): the keys and
-        values of this call's earlier positions are read from it, and the new ones appended."""
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.gate_up = Linear(d_model, 2 * d_ff)
-        self.down = Linear(d_ff, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """Truncated LeCun-normal init of a [d_out, d_in] weight (std 1/sqrt(fan_in)), as the reference."""
+    return trunc_normal_(weight.data, 1.0 / math.sqrt(weight.shape[1]))
 
 
 class Block(nn.Module):
@@ -107,6 +75,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Attention(config.d_model, config.n_heads)
         self.mlp = SwiGLU(config.d_model, config.d_ff)
+        for layer in (self.attn.qkv, self.attn.out, self.mlp.gate_up, self.mlp.down):
+            lecun_normal_(layer.weight)
         self.eps = config.rms_norm_eps
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
@@ -131,6 +101,8 @@ class ReasoningModule(nn.Module):
 
 
 class HRMCodeGen(SoftmaxLM):
+    kv_cache = True
+
     def __init__(self, config, tokenizer=None):
         super().__init__()
         self.config = config
@@ -141,7 +113,10 @@ class HRMCodeGen(SoftmaxLM):
         trunc_normal_(self.embed.weight.data, 1.0 / self.embed_scale)  # x = scale * E[t] has unit RMS
         self.L = ReasoningModule(config, config.l_layers)
         self.H = ReasoningModule(config, config.h_layers)
-        self.lm_head = None if config.tie_embeddings else Linear(d, config.vocab_size)
+        self.lm_head = None
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+            lecun_normal_(self.lm_head.weight)
         self.pad_id = getattr(tokenizer, "pad_token_id", None)
         self.q_head = None
         if config.act and config.segments > 1:  # halting needs a choice; as the reference: says "continue" at first
@@ -157,14 +132,13 @@ class HRMCodeGen(SoftmaxLM):
 
     # ------------------------------------------------------------------ recurrence
 
-    def inputs(self, input_ids: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, cos, sin): the scaled token embedding and the RoPE tables of positions
-        start .. start + T - 1."""
-        end = start + input_ids.shape[1]
-        if end > self.config.max_seq_len:
-            raise ValueError(f"{end} tokens exceed the model's window of {self.config.max_seq_len}")
+    def inputs(self, input_ids: torch.Tensor, start: int = 0, pad: Optional[torch.Tensor] = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, cos, sin): the scaled token embedding and the RoPE tables of columns
+        start .. start + T - 1 (per row, less its left padding `pad`, when decoding a padded batch)."""
         x = self.embed_scale * self.embed(input_ids)
-        return x, self.rope_cos[start:end].to(x.dtype), self.rope_sin[start:end].to(x.dtype)
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, start, input_ids.shape[1], pad)
+        return x, cos.to(x.dtype), sin.to(x.dtype)
 
     def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed (z_H, z_L) every sequence starts from, broadcast to x's shape."""
@@ -191,11 +165,13 @@ class HRMCodeGen(SoftmaxLM):
         z_l = L(z_l, z_h + x, cos, sin)  # the one-step gradient goes through these two calls
         return H(z_h, z_l, cos, sin), z_l
 
-    def hidden(self, input_ids: torch.Tensor, start: int = 0, caches=None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, start: int = 0, caches=None, pad: Optional[torch.Tensor] = None,
+               ) -> torch.Tensor:
         """z_H [B, T, d] after all `segments` segments from the initial state: the head's input at
         inference. As in training, the state passed from one segment to the next is detached.
-        Decoding passes the tokens after `start` and `caches` holding every call's earlier keys."""
-        x, cos, sin = self.inputs(input_ids, start)
+        Decoding passes the tokens after column `start`, `caches` holding every call's earlier
+        keys and the batch's left padding `pad`."""
+        x, cos, sin = self.inputs(input_ids, start, pad)
         z_h, z_l = self.initial_state(x)
         with torch.no_grad():
             for _ in range(self.config.segments - 1):
@@ -214,30 +190,26 @@ class HRMCodeGen(SoftmaxLM):
         return self.q_head(pooled).float()
 
     @staticmethod
-    def _call_caches(store: list, layers: int):
+    def _call_caches(store: list, layers: int, pad: Optional[torch.Tensor]):
         """Yield, call after call, that module call's per-layer caches (created on first use)."""
         i = 0
         while True:
             if i == len(store):
-                store.append([{} for _ in range(layers)])
+                store.append(new_caches(layers, pad))
             yield store[i]
             i += 1
 
-    def decode_step(self, new_tokens: torch.Tensor, state) -> tuple[torch.Tensor, dict]:
+    def decode_step(self, new_tokens: torch.Tensor, state, pad: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         """Exact KV-cached decoding step. Every module call of every segment keeps its own keys and
         values: all calls are causal, so appending a token changes no earlier position's state in
-        any call, and caching them per call is exact. Once the sequence outgrows the window the
-        positions would shift, so every further step re-encodes the last `window` tokens (exact,
-        O(window^2) per token), as dense-llama does."""
-        seq = new_tokens if state is None else torch.cat([state["seq"], new_tokens], dim=1)
-        if seq.shape[1] > self.max_seq_len:
-            return self.next_token_logprobs(seq), {"seq": seq, "caches": None}
-        store = [] if state is None else state["caches"]
-        tokens, start = (seq, 0) if state is None else (new_tokens, seq.shape[1] - new_tokens.shape[1])
-        slots = self._call_caches(store, max(self.config.h_layers, self.config.l_layers))
-        raw = self.head(self.hidden(tokens, start, slots)[:, -1:])
+        any call, and caching them per call is exact. The prefill's left padding is masked."""
+        if state is None:
+            state = {"caches": [], "col": 0, "pad": pad}
+        slots = self._call_caches(state["caches"], max(self.config.h_layers, self.config.l_layers), state["pad"])
+        raw = self.head(self.hidden(new_tokens, state["col"], slots, state["pad"])[:, -1:])
         logits = raw if self.config.loss == "softmax" else log_stablemax(raw)
-        return torch.log_softmax(logits[:, -1].float(), dim=-1), {"seq": seq, "caches": store}
+        state = {**state, "col": state["col"] + new_tokens.shape[1]}
+        return torch.log_softmax(logits[:, -1].float(), dim=-1), state
 
     def raw_logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
         h = self.hidden(input_ids)

@@ -1,0 +1,100 @@
+"""The model contract, once for every registered architecture (`hmst_bench.conformance`, the suite
+`hmst-bench check` runs): each architecture at size micro, and at every stage whose config differs
+(HMST's stage 2 with its memory), must pass every property. The suite itself must fail a model
+that breaks a property, and a model written for the v1 Protocol is refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hmst_bench.cli import cli
+from hmst_bench.conformance import Subject, arch_subject, run_checks
+from hmst_bench.model import LanguageModel, check_built
+from hmst_bench.modeling import SoftmaxLM
+from hmst_bench.plugins import get_registry
+
+
+def _cases():
+    registry = get_registry()
+    cases = []
+    for name in sorted(registry.architectures()):
+        spec = registry.arch(name)
+        cases.append(pytest.param(name, None, id=name))
+        for stage in spec.stages:
+            if spec.stage_config and spec.stage_config(stage):
+                cases.append(pytest.param(name, stage, id=f"{name}-stage{stage}"))
+    return cases
+
+
+@pytest.mark.parametrize("arch,stage", _cases())
+def test_every_architecture_meets_the_contract(arch, stage):
+    findings = run_checks(arch_subject(get_registry().arch(arch), stage=stage))
+    failed = [f.line() for f in findings if not f.ok]
+    assert not failed, "\n".join(failed)
+    assert len(findings) >= 13
+
+
+class PeeksAhead(SoftmaxLM):
+    """A softmax LM whose logits at t also see token t + 1: not causal, so scoring is wrong."""
+
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        self.max_seq_len = 16
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.head = torch.nn.Linear(8, vocab)
+
+    def logits(self, input_ids, keep=None):
+        h = self.embed(input_ids)
+        h = h + torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], dim=1)  # the next token leaks in
+        out = self.head(h)
+        return out if keep is None else out[:, keep]
+
+
+def test_the_suite_fails_a_model_that_sees_the_future():
+    findings = {f.name: f for f in run_checks(Subject(build=PeeksAhead, vocab=11, dtype=torch.float64))}
+    assert not findings["causality"].ok
+    assert "changing token 8 moved earlier log-probs by" in findings["causality"].detail
+    assert findings["save/load round trip"].ok and findings["normalised"].ok
+
+
+class V1Model(torch.nn.Module):
+    """A model written for contract v1: the methods, but not the base class."""
+
+    max_seq_len = 16
+
+    def loss(self, batch):
+        raise NotImplementedError
+
+    def token_logprobs(self, input_ids, targets):
+        raise NotImplementedError
+
+
+def test_a_v1_model_is_refused_in_one_line():
+    spec = get_registry().arch("dense-llama")
+    with pytest.raises(TypeError) as exc:
+        check_built(spec, V1Model())
+    message = str(exc.value)
+    assert "\n" not in message and "contract v1" in message and "subclass hmst_bench.LanguageModel" in message
+    with pytest.raises(TypeError, match="not a hmst_bench.LanguageModel subclass"):
+        check_built(spec, torch.nn.Linear(2, 2))
+
+
+def test_missing_required_methods_cannot_be_built():
+    class Incomplete(LanguageModel):
+        max_seq_len = 8
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
+
+
+def test_check_through_the_cli():
+    runner = CliRunner()
+    result = runner.invoke(cli, ["check", "dense-gpt2"])
+    assert result.exit_code == 0, result.output
+    assert "PASS causality" in result.output and "FAIL" not in result.output
+    bad = runner.invoke(cli, ["check", "no-such-arch"])
+    assert bad.exit_code == 1 and "unknown architecture 'no-such-arch'" in bad.output
+    stage = runner.invoke(cli, ["check", "dense-llama", "--stage", "2"])
+    assert stage.exit_code == 2 and "has no stage '2'" in stage.output
