@@ -609,11 +609,12 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
         if value is not None and value < low:
             raise click.ClickException(f"{name} must be at least {low}, got {value}")
     names = [n.strip() for n in suites.split(",") if n.strip()]
-    done = []
+    done, specs = [], {}
 
     def report(record: dict, path: Path | None) -> None:
-        _print_eval_table(record, path)
-        done.append({"suite": record["suite"], "file": path and str(path), "metrics": summary_rows(record),
+        suite = specs[record["suite"]]
+        _print_eval_table(record, path, suite)
+        done.append({"suite": record["suite"], "file": path and str(path), "metrics": summary_rows(record, suite),
                      "provenance": record["provenance"]})
 
     def notice(output) -> None:  # before any work: what cannot be written, and the way around it
@@ -624,6 +625,7 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
         code = CodeOptions(samples=samples, temperature=temperature, top_p=top_p, ks=parse_ks(ks) if ks else None,
                            max_gen_toks=max_gen_toks, timeout=timeout, workers=workers or 0, allow_unsandboxed=allow_unsandboxed)
         chosen = resolve_suites(names, _registry().suites())
+        specs.update((s.name, s) for s in chosen)
         with err.status(f"evaluating {', '.join(s.name for s in chosen)} on {run_dir}", spinner="dots"):
             evaluate(run_dir, chosen, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
                      device=device, use_cache=not no_cache, on_suite=report, progress=False, code=code,
@@ -636,7 +638,7 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
         _emit_json(done)
 
 
-def _print_eval_table(record: dict, path: Path | None) -> None:
+def _print_eval_table(record: dict, path: Path | None, suite) -> None:
     from rich.table import Table
 
     from hmst_bench.eval.runner import summary_rows
@@ -646,7 +648,7 @@ def _print_eval_table(record: dict, path: Path | None) -> None:
     for col, justify in (("task", "left"), ("metric", "left"), ("filter", "left"), ("n-shot", "right"),
                          ("n", "right"), ("value", "right"), ("± stderr", "right")):
         table.add_column(col, justify=justify)
-    for row in summary_rows(record):
+    for row in summary_rows(record, suite):
         table.add_row(row["task"], row["metric"], row["filter"], "-" if row["n_shot"] is None else str(row["n_shot"]),
                       "-" if row["n"] is None else str(row["n"]), f"{row['value']:.4f}",
                       "-" if row["stderr"] is None else f"{row['stderr']:.4f}")

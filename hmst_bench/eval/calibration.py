@@ -1,9 +1,10 @@
 """Calibration of multiple-choice answers, computed from a finished suite's per-sample log.
 
-Registered in `hmst_bench.eval.runner.POSTPROCESSORS` under "calibration": `postprocess` reads the
-log-likelihoods lm-eval logged for every choice, turns them into a confidence (softmax over the
-choices), and stores per task and pooled per group: ECE over 10 equal-mass bins (HELM's binning)
-and over 15 equal-width bins, the multi-class Brier score, the selective-accuracy curve and its
+A suite asks for it with `SuiteSpec.postprocess={"calibration": "hmst_bench.eval.calibration"}`
+(the built-in mmlu, truthfulqa and longctx suites do). `postprocess` reads the log-likelihoods
+lm-eval logged for every choice, turns them into a confidence (softmax over the choices), and
+stores per task and pooled per group: ECE over 10 equal-mass bins (HELM's binning) and over 15
+equal-width bins, the multi-class Brier score, the selective-accuracy curve and its
 risk-coverage area (AURC). It also draws `RUN/eval/<suite>-reliability.png`. `summary_rows` gives
 the headline figures in the row format of `runner.summary_rows`. Definitions: docs/metrics.md,
 section "Calibration".

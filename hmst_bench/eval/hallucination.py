@@ -10,10 +10,11 @@ Pieces, in the order lm-eval and the runner use them:
 - `judge`: one answer against its reference: "correct", "abstained" or "hallucinated".
 - `process_greedy` / `process_samples`: lm-eval `process_results` for `factqa` (one greedy answer)
   and `factqa_sc` (m sampled answers, kept whole by the `keep_all` filter).
-- `postprocess`: the runner's "hallucination" postprocessor. For a record holding `factqa`, it
-  scores every greedy answer by its disagreement with the m samples and, when the model declares
-  `hallucination_detector` (contract v2), by its `hallucination_scores(prompts, answers)`, and reports the AUROC of each
-  for predicting that a (non-abstaining) greedy answer is wrong.
+- `postprocess`: the factqa suite's post-processing (`SuiteSpec.postprocess`, key "hallucination").
+  For a record holding `factqa`, it scores every greedy answer by its disagreement with the m
+  samples and, when the model declares `hallucination_detector` (contract v2), by its
+  `hallucination_scores(prompts, answers)`, and reports the AUROC of each for predicting that a
+  (non-abstaining) greedy answer is wrong.
 - `summary_rows`: those corpus-level numbers as rows of the eval table (`runner.summary_rows`'s
   format).
 
@@ -261,7 +262,7 @@ def _run_detector(model: Any, prompts: list[str], answers: list[str]) -> list[fl
 
 
 def postprocess(record: dict, lm: Any, out_dir: Any = None) -> dict:
-    """The runner's "hallucination" postprocessor; {} for a record without the `factqa` task.
+    """The "hallucination" post-processing of the factqa suite; {} for a record without the `factqa` task.
 
     Over the questions whose greedy answer is not an abstention, label = the answer is wrong
     (judge() says "hallucinated"); report the AUROC of 1 - agreement (self-consistency, when the

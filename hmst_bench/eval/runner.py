@@ -6,7 +6,9 @@ store and never the hub), and call `lm_eval.simple_evaluate` with the `hmst-benc
 (`hmst_bench.eval.lm`) wrapped in lm-eval's request cache. The cache lives in
 `RUN/eval/cache/` and is keyed by the sha256 of everything the model is loaded from (plus
 device, window and default generation length), so an interrupted evaluation resumes and a
-repeated one is served from it, while a run trained further starts afresh.
+repeated one is served from it, while a run trained further starts afresh. Then the modules
+the suite names in `SuiteSpec.postprocess` (calibration, hallucination, a plugin's own) compute
+their metrics from the suite's per-sample log; each was imported before the model loaded.
 
 `RUN/eval/<suite>.json` is written atomically and holds lm-eval's results, group results,
 configs, versions and n-shot, the per-sample log in lm-eval's samples format, and provenance.
@@ -28,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Optional, Sequence
 
 from hmst_bench.eval.suite import SuiteSpec
@@ -37,14 +40,6 @@ EVAL_DIR = "eval"
 CACHE_DIR = "cache"
 # lm-eval's own defaults (random, numpy, torch, few-shot); `--seed N` sets all four to N
 DEFAULT_SEEDS = (0, 1234, 1234, 1234)
-# Metrics computed from a finished suite's per-sample log, beyond lm-eval's own: key -> module.
-# Each module has postprocess(record, lm, out_dir) -> dict (empty when the suite has nothing for
-# it; stored under record[key]; out_dir is where results go (RUN/eval), for figures, or None when
-# nothing can be written there) and summary_rows(record) ->
-# rows in summary_rows' format, which the CLI table and `--json` show after lm-eval's metrics.
-POSTPROCESSORS: dict[str, str] = {"hallucination": "hmst_bench.eval.hallucination",
-                                  "calibration": "hmst_bench.eval.calibration",
-                                  "longctx": "hmst_bench.eval.longctx"}
 
 
 class EvalError(ValueError):
@@ -109,6 +104,24 @@ def check_data(suites: Sequence[SuiteSpec]) -> dict[str, dict]:
             if name not in manifests:
                 manifests[name] = store.require(name)
     return manifests
+
+
+def postprocessors(suite: SuiteSpec) -> dict[str, ModuleType]:
+    """The suite's post-processing modules (`SuiteSpec.postprocess`) by result key, imported;
+    EvalError, one line, for a module that cannot be imported or has no `postprocess`."""
+    loaded = {}
+    for key, name in suite.postprocess.items():
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - ImportError, or any error the module raises as it loads
+            why = (str(exc).strip().splitlines() or [""])[0]
+            raise EvalError(f"suite {suite.name!r}: cannot import its postprocess module {name!r} "
+                            f"({type(exc).__name__}: {why}); install the package that provides it") from None
+        if not callable(getattr(module, "postprocess", None)):
+            raise EvalError(f"suite {suite.name!r}: its postprocess module {name!r} has no function "
+                            "postprocess(record, lm, out_dir); add one")
+        loaded[key] = module
+    return loaded
 
 
 def _sha256(path: Path, digest=None):
@@ -195,6 +208,7 @@ def evaluate(
     code = code or CodeOptions()
     code.check(suites)
     manifests = check_data(suites)
+    post = {suite.name: postprocessors(suite) for suite in suites}  # before the model loads: a typo fails fast
     fingerprint = model_fingerprint(run_dir)
     run = load_run(run_dir)
     if model_fingerprint(run_dir) != fingerprint:  # a training job checkpointed meanwhile
@@ -284,8 +298,8 @@ def evaluate(
                 **({"code_execution": sandbox} if sandbox else {}),
             },
         }
-        for key, module in POSTPROCESSORS.items():
-            extra = importlib.import_module(module).postprocess(record, lm, output.dir if output.save else None)
+        for key, module in post[suite.name].items():
+            extra = module.postprocess(record, lm, output.dir if output.save else None)
             if extra:
                 record[key] = extra
         file = output.dir / f"{suite.name}.json" if output.save else None
@@ -426,9 +440,10 @@ def _documents_scored(record: dict, task: str, metric: str, filt: str) -> Option
     return (record["n-samples"].get(task) or {}).get("effective")
 
 
-def summary_rows(record: dict) -> list[dict]:
+def summary_rows(record: dict, suite: SuiteSpec) -> list[dict]:
     """Flat rows (task, metric, filter, n-shot, value, stderr) for tables: groups first, then
-    tasks, skipping the subjects inside a group unless they are the suite's own tasks."""
+    tasks, skipping the subjects inside a group unless they are the suite's own tasks; then the
+    rows of the suite's postprocess modules that have `summary_rows`."""
     results, groups = record["results"], record.get("groups") or {}
     inner = {t for subs in (record.get("group_subtasks") or {}).values() for t in subs}
     names = [n for n in record["tasks"]] + [n for n in results if n not in record["tasks"] and n not in inner]
@@ -446,7 +461,7 @@ def summary_rows(record: dict) -> list[dict]:
                 "stderr": stderr if isinstance(stderr, (int, float)) else None,
                 "n": _documents_scored(record, name, metric, filt),
             })
-    for key, module in POSTPROCESSORS.items():
-        if record.get(key):
-            rows += importlib.import_module(module).summary_rows(record)
+    for key, module in postprocessors(suite).items():
+        if record.get(key) and callable(getattr(module, "summary_rows", None)):
+            rows += module.summary_rows(record)
     return rows
