@@ -98,3 +98,28 @@ def test_check_through_the_cli():
     assert bad.exit_code == 1 and "unknown architecture 'no-such-arch'" in bad.output
     stage = runner.invoke(cli, ["check", "dense-llama", "--stage", "2"])
     assert stage.exit_code == 2 and "has no stage '2'" in stage.output
+
+
+def _guide_files(text: str) -> dict[str, str]:
+    """The example plugin's files as docs/plugin-guide.md shows them: a **`path`** line, then a
+    fenced block."""
+    import re
+
+    return {m.group(1): m.group(2) for m in re.finditer(r"\*\*`(hmst_mlp_lm/[\w/]+\.py)`\*\*\n\n```python\n(.*?)```", text, re.S)}
+
+
+def test_the_plugin_guides_example_passes_the_check(fresh_registry, tmp_path, monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    guide = (Path(__file__).parent.parent / "docs" / "plugin-guide.md").read_text()
+    files = _guide_files(guide)
+    assert {"hmst_mlp_lm/__init__.py", "hmst_mlp_lm/plugin.py", "hmst_mlp_lm/model.py"} <= set(files)
+    for name, body in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh_registry.add_plugin(importlib.import_module("hmst_mlp_lm.plugin"), "mlp_lm", "hmst-mlp-lm")
+    findings = run_checks(arch_subject(fresh_registry.arch("mlp-lm")))
+    failed = [f.line() for f in findings if not f.ok]
+    assert not failed and len(findings) == 13, "\n".join(failed)
