@@ -1,6 +1,6 @@
-"""The dense baselines meet the model contract exactly (log-probs, causality, generation with a
-KV cache equal to cache-free decoding, top-k sampling, cropping) and their saved copies load in transformers and
-in lm-eval's HFLM with identical numbers."""
+"""What is the dense baselines' own (the contract itself is tests/test_contract.py's, for every
+architecture): the loss, sampling and top-k through transformers' KV cache without deprecated
+arguments, and saved copies that load in transformers and in lm-eval's HFLM with identical numbers."""
 
 import dataclasses
 
@@ -157,24 +157,3 @@ def test_callable_stop_drops_what_it_asks(tok):
     assert got == greedy[:2] and kept == greedy[:2]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_right_padded_rows_score_as_unpadded_ones(arch, tok):
-    """The evaluator's batches: rows right-padded, -100 targets at the padding, `lengths` for the
-    next-token distributions; every row's numbers equal the same row scored alone."""
-    model = build(arch, tok)
-    g = torch.Generator().manual_seed(3)
-    rows = [torch.randint(3, len(tok), (n,), generator=g) for n in (20, 13, 7)]
-    ids = torch.zeros(3, 20, dtype=torch.long)
-    targets = torch.full((3, 20), -100)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        targets[i, len(r) - 4 : len(r) - 1] = r[len(r) - 3 :]
-    with torch.no_grad():
-        lp, greedy = model.score(ids, targets)
-        nxt = model.next_token_logprobs(ids, lengths=torch.tensor([len(r) for r in rows]))
-        for i, r in enumerate(rows):
-            alone, alone_greedy = model.score(r[None, :-1], r[None, 1:])
-            assert torch.allclose(lp[i, len(r) - 4 : len(r) - 1], alone[0, -3:], atol=1e-5)
-            assert torch.equal(greedy[i, len(r) - 4 : len(r) - 1], alone_greedy[0, -3:])
-            assert torch.allclose(nxt[i], model.next_token_logprobs(r[None])[0], atol=1e-5)
-    assert (lp[targets == -100] == 0).all() and greedy[targets == -100].all()

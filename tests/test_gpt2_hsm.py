@@ -2,10 +2,10 @@
 smoothing, code length within one bit of the entropy), the exact hierarchical-softmax head (the
 full distribution sums to one at any norm, path and full log-probs agree, the loss gradient
 equals autograd through an explicit product of sigmoids, depth-bucketed paths give the padded
-losses and gradients, with optimal bucket caps), the model contract (causality,
-padding, ragged next-token batches, KV-cached generation, top-k and top-p sampling from the exact
-full distribution, tree descent), save/load with the tree
-artifact, and a CLI run scored by the lm-eval adapter."""
+losses and gradients, with optimal bucket caps), what of the contract is its own (scores and loss
+from the tree, top-k and top-p sampling from the exact full distribution, tree descent), save/load
+with the tree artifact, and a CLI run scored by the lm-eval adapter (the contract itself is
+tests/test_contract.py's)."""
 
 from __future__ import annotations
 
@@ -497,29 +497,6 @@ def test_token_logprobs_gather_next_token_logprobs_and_score_flags_argmax(model,
     assert torch.equal(greedy, dists.argmax(-1) == targets)
     assert greedy[:, ::2].all() and greedy.sum() < greedy.numel()
     assert torch.allclose(loss, -lp.mean(), atol=1e-6) and aux == {}
-
-
-def test_right_padding_and_ragged_next_token_batches(model, tok):
-    lengths = [20, 7, 13]
-    rows = [rand_ids(tok, 1, n, 10 + n)[0] for n in lengths]
-    ids = torch.full((3, 20), tok.pad_token_id, dtype=torch.long)
-    targets = torch.full((3, 20), -100, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        targets[i, : len(row) - 1] = row[1:]
-    with torch.no_grad():
-        lp = model.token_logprobs(ids, targets)
-        s_lp, greedy = model.score(ids, targets)
-        nxt = model.next_token_logprobs(ids, lengths=torch.tensor(lengths))
-        for i, row in enumerate(rows):
-            n = len(row)
-            one_lp = model.token_logprobs(row[None, :-1], row[None, 1:])[0]
-            one_s, one_g = model.score(row[None, :-1], row[None, 1:])
-            assert torch.allclose(lp[i, : n - 1], one_lp, atol=1e-5)
-            assert torch.allclose(s_lp[i, : n - 1], one_lp, atol=1e-5)
-            assert torch.equal(greedy[i, : n - 1], one_g[0])
-            assert (lp[i, n - 1 :] == 0).all() and (s_lp[i, n - 1 :] == 0).all()
-            assert torch.allclose(nxt[i], model.next_token_logprobs(row[None])[0], atol=1e-5)
 
 
 def cache_free_greedy(model, prompt, n):

@@ -220,15 +220,17 @@ def evaluate(
             notice(output)
         else:
             warnings.warn(output.message, EvalWarning, stacklevel=2)
-    lm = HmstBenchLM(run=run, device=device, batch_size=batch_size, progress=progress)
+    seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4
+    # sampled rows draw from generators seeded from lm-eval's torch seed, so the cache name has it
+    lm = HmstBenchLM(run=run, device=device, batch_size=batch_size, progress=progress, seed=seeds[2])
     # lm-eval keys each answer by the request; the file name adds what else decides the answer:
     # the model's files, the code that computes it, device, window and default generation length
     code_hash = hashlib.sha256(repr((_version("hmst-bench"), _version("lm_eval"), run.spec.distribution,
                                 _version(run.spec.distribution) if run.spec.distribution else None)).encode())
     cache = output.dir / CACHE_DIR / (
         f"lm-{fingerprint['model_sha256'][:16]}-{code_hash.hexdigest()[:8]}-{lm.device.type}"
-        f"-w{lm.max_length}{'' if lm.max_context == lm.max_length else f'-c{lm.max_context}'}-g{lm.max_gen_toks}")
-    seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4
+        f"-w{lm.max_length}{'' if lm.max_context == lm.max_length else f'-c{lm.max_context}'}-g{lm.max_gen_toks}"
+        f"-s{lm.seed}")
     manager = task_manager(suites)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # our table reports; lm-eval's INFO is noise here
 
