@@ -69,7 +69,7 @@ def decoding(run_dir: Path, prompt: int, new: int) -> dict:
     `generate` (hrm-codegen: per-call KV cache) and, for hrm-codegen, full recomputation."""
     import torch
 
-    from hmst_bench.modeling import SoftmaxLM, decode_loop
+    from hmst_bench.generation import generate_rows
     from hmst_bench.train.rundir import load_run
 
     run = load_run(run_dir)
@@ -85,8 +85,10 @@ def decoding(run_dir: Path, prompt: int, new: int) -> dict:
     with torch.no_grad():
         cached, a = rate(lambda: model.generate(ids, new))
         result = {"tokens_per_s": round(cached, 1)}
-        if hasattr(model, "H"):
-            plain, b = rate(lambda: decode_loop(lambda t, s: SoftmaxLM.decode_step(model, t, s), ids, new))
+        if run.spec.name == "hrm-codegen":
+            model.kv_cache = False  # the shared generation then re-reads the prefix every step
+            plain, b = rate(lambda: generate_rows(model, ids.tolist(), new))
+            del model.kv_cache
             result.update(recompute_tokens_per_s=round(plain, 1), cache_speedup=round(cached / plain, 3), same_tokens=a == b)
     return result
 
