@@ -5,9 +5,11 @@ lengths together and stops each row on its own:
 
 - a model that declares `kv_cache` is prefilled once with the prompts left-padded (`pad` tells it
   how many leading positions of each row are padding, to be masked and not counted as positions)
-  and then fed one token per row per step through its `decode_step`;
-- once a row would outgrow the window (its positions would have to shift), or for a model without
-  a cache, every step re-reads each live row's last `context_len` tokens through
+  and then fed one token per row per step through its `decode_step`; a model whose cache cannot
+  take padding (`kv_cache_pads = False`: HMST with memory, whose segments are aligned from a
+  row's first token) decodes each group of equal-length prompts as its own batch;
+- once a row would outgrow `context_len` (its positions would have to shift), or for a model
+  without a cache, every step re-reads each live row's last `context_len` tokens through
   `next_token_logprobs(ids, lengths)`: exact for any model, O(n^2) per row.
 
 Tokens are picked by `sample_next` (greedy at temperature <= 0, else temperature, top-k then top-p
@@ -163,7 +165,7 @@ class _Cache:
     def __init__(self, model: Any, seqs: list[list[int]], device):
         self.model, self.device = model, device
         ids, pad = left_padded(seqs, device)
-        self.logprobs, self.state = model.decode_step(ids, None, pad=pad)
+        self.logprobs, self.state = model.decode_step(ids, None, pad=pad if model.kv_cache_pads else None)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         new = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
@@ -182,13 +184,15 @@ def generate_rows(model: Any, prompts: list[list[int]], max_new_tokens: int, sam
         raise ValueError("every prompt needs at least one token")
     if generators is not None and len(generators) != len(prompts):
         raise ValueError(f"{len(generators)} generators for {len(prompts)} rows: give one per row")
+    if model.kv_cache and not model.kv_cache_pads and len(set(map(len, prompts))) > 1:
+        return _by_length(model, prompts, max_new_tokens, sampling, stop, generators)
     stops = normalise_stop(stop)
     device = next(iter(model.parameters())).device
     seqs = [list(p) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))
     longest = max(map(len, seqs))  # every row, finished or not, advances one cached position per step
-    cache = _Cache(model, seqs, device) if model.kv_cache and max(map(len, seqs)) <= model.max_seq_len else None
+    cache = _Cache(model, seqs, device) if model.kv_cache and longest <= model.context_len else None
     for step in range(max_new_tokens):
         if cache is not None:
             logprobs = cache.logprobs if step == 0 else cache.step([s[-1] for s in seqs])
@@ -209,7 +213,20 @@ def generate_rows(model: Any, prompts: list[list[int]], max_new_tokens: int, sam
                 live.remove(b)
         if not live:
             break
-        if cache is not None and longest + step + 1 > model.max_seq_len:
+        if cache is not None and longest + step + 1 > model.context_len:
             cache = None  # a row's next position would leave the window: re-read the last window from here on
     return out
 
+
+def _by_length(model: Any, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, stop,
+               generators) -> list[list[int]]:
+    """`generate_rows` on each group of equal-length prompts, for a cache that cannot take padding."""
+    groups: dict[int, list[int]] = {}
+    for b, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(b)
+    out: list[list[int]] = [[] for _ in prompts]
+    for rows in groups.values():
+        gens = None if generators is None else [generators[b] for b in rows]
+        for b, tokens in zip(rows, generate_rows(model, [prompts[b] for b in rows], max_new_tokens, sampling, stop, gens)):
+            out[b] = tokens
+    return out

@@ -17,7 +17,9 @@ Optional, each with a correct default: `score`, `generate` (batched), `decode_st
 Declared capabilities:
     max_seq_len            the attention window (set by the subclass)
     max_context_len        None, or how far back the model reads through a memory (HMST)
-    kv_cache               True: `decode_step` implements exact cached decoding of left-padded rows
+    kv_cache               True: `decode_step` implements exact cached decoding
+    kv_cache_pads          (with kv_cache) True: its prefill takes left-padded rows; False: the
+                           shared generation batches only prompts of equal length
     hallucination_detector True: `hallucination_scores` is the model's own wrong-answer detector
     extra_flops_covers     executed ops without a FLOP formula whose cost `extra_flops` counts
 
@@ -45,6 +47,7 @@ class LanguageModel(torch.nn.Module, metaclass=abc.ABCMeta):
     max_seq_len: int
     max_context_len: Optional[int] = None
     kv_cache: bool = False
+    kv_cache_pads: bool = True
     hallucination_detector: bool = False
     extra_flops_covers: tuple[str, ...] = ()
 
@@ -121,9 +124,11 @@ class LanguageModel(torch.nn.Module, metaclass=abc.ABCMeta):
                     ) -> tuple[torch.Tensor, Any]:
         """Cached decoding, for a model that declares `kv_cache`: with state None, `new_tokens`
         [B, T] are the prompts left-padded, row b's first pad[b] positions padding (masked, and
-        not counted as positions); afterwards [B, 1], one token per row. Returns the [B, V]
+        not counted as positions; None, or all zeros, for a model that declares
+        `kv_cache_pads = False`); afterwards [B, 1], one token per row. Returns the [B, V]
         next-token log-probs after each row's last token and the new state, exactly equal to
-        `next_token_logprobs` of the row's real tokens. Only called while every row fits the window."""
+        `next_token_logprobs` of the row's real tokens. Only called while every row fits
+        `context_len`."""
         raise NotImplementedError(f"{type(self).__name__} declares kv_cache but does not implement decode_step")
 
     # ------------------------------------------------------------------ accounting

@@ -10,8 +10,8 @@ One forward pass (`forward_all`) gives the final hidden states, the logits (only
 positions) and the routing statistics; `encode`, `logits` and `loss` all use it, so a query
 costs one pass. `loss` = next-token cross-entropy + balance_coef * balance + z_loss_coef * z.
 
-Decoding (without memory) is KV-cached and exact: each layer keeps the keys and values of the
-positions seen so far, prompts left-padded behind a mask. RoPE tables cover exactly the window;
+Decoding is KV-cached and exact: each layer keeps the keys and values of the positions seen so
+far, prompts left-padded behind a mask (with memory: prompts of equal length only). RoPE tables cover exactly the window;
 past it the shared generation loop re-reads the last window (`hmst_bench.generation`). No
 position beyond the window is ever indexed.
 
@@ -19,8 +19,10 @@ With memory (`config.memory`), a text longer than the window is read in window-s
 aligned from its first token: attention sees the current segment, the memory reader (after block
 `memory_layer`) what earlier segments wrote (see `memory.py`). `logits`, `loss`, `score` and
 decoding all follow that one reading, up to `max_context_len` = memory_max_segments windows
-(longer queries keep their last max_context_len tokens). With memory, decoding re-reads each
-row (no KV cache: segments are aligned from a row's first token, which left padding would shift). With memory, every text (even one within the window) also
+(longer queries keep their last max_context_len tokens). Decoding with memory keeps the KV cache
+of the current segment; when a segment fills, its hidden states are written to the memory and the
+cache starts afresh. Its rows are not padded (segments are aligned from a row's first token), so
+the shared generation batches only prompts of equal length (`kv_cache_pads = False`). With memory, every text (even one within the window) also
 reads the run's long-term store (`memory.LongTermMemory`, filled by stage 2 and saved with the run
 through `save_artifacts`). Without memory the model is the plain MoE LM above.
 """
@@ -66,12 +68,14 @@ class Block(nn.Module):
 
 
 class HMSTModel(SoftmaxLM):
+    kv_cache = True
+
     def __init__(self, config, tokenizer=None):
         super().__init__()
         self.config = config
-        # cached decoding of left-padded rows; with memory, decoding re-reads (segments are
-        # aligned from each row's first token, which left padding would shift)
-        self.kv_cache = not config.memory
+        # cached decoding; with memory only of unpadded rows (segments are aligned from each
+        # row's first token, which left padding would shift)
+        self.kv_cache_pads = not config.memory
         self.max_seq_len = config.max_seq_len
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         nn.init.normal_(self.embed.weight, std=config.init_std)
@@ -239,11 +243,37 @@ class HMSTModel(SoftmaxLM):
 
     def decode_step(self, new_tokens: torch.Tensor, state: Any, pad: Optional[torch.Tensor] = None,
                     ) -> tuple[torch.Tensor, dict]:
-        """Exact KV-cached step (without memory): each layer keeps the keys and values of the
-        columns seen so far; the prefill's left padding is masked and not counted as positions."""
+        """Exact KV-cached step: each layer keeps the keys and values of the columns seen so far;
+        without memory, the prefill's left padding is masked and not counted as positions."""
+        if self.memory is not None:
+            if pad is not None and bool(pad.any()):
+                raise ValueError("HMST with memory decodes unpadded rows only (kv_cache_pads is False)")
+            return self._memory_step(new_tokens, state)
         if state is None:
             state = {"caches": new_caches(len(self.layers), pad), "col": 0, "pad": pad}
         t = new_tokens.shape[1]
         logits = self.forward_all(new_tokens, slice(t - 1, t), state["col"], state["caches"], pad=state["pad"])[1]
         state = {**state, "col": state["col"] + t}
+        return torch.log_softmax(logits[:, -1].float(), dim=-1), state
+
+    def _memory_step(self, tokens: torch.Tensor, state: Optional[dict]) -> tuple[torch.Tensor, dict]:
+        """Decoding with memory: the current segment's KV cache; a full segment is written to
+        the memory (from the hidden states kept for it) before the next token starts a new one."""
+        if state is None:
+            state = {"mem": self.new_memory(tokens.shape[0]), "caches": [{} for _ in self.layers],
+                     "hidden": [], "segment_start": 0, "pos": 0}
+        else:
+            state = dict(state)
+        w, pos, logits = self.max_seq_len, state["pos"], None
+        while tokens.shape[1]:
+            if pos - state["segment_start"] == w:
+                state["mem"].write(torch.cat(state["hidden"], dim=1))
+                state.update(caches=[{} for _ in self.layers], hidden=[], segment_start=pos)
+            take = min(tokens.shape[1], w - (pos - state["segment_start"]))
+            h, logits, _ = self.forward_all(tokens[:, :take], slice(take - 1, take), pos - state["segment_start"],
+                                            state["caches"], state["mem"])
+            state["hidden"] = state["hidden"] + [h]
+            pos += take
+            tokens = tokens[:, take:]
+        state["pos"] = pos
         return torch.log_softmax(logits[:, -1].float(), dim=-1), state
