@@ -13,6 +13,7 @@ Prints one JSON object with two parts, each figure beside its reference measured
   on each returned text (after lm-eval cut it at the stop string). Each side is warmed up first
   with a short untimed call. The outputs of ours and HFLM are compared at each batch size
   ("identical_outputs": how many of the 32 are equal), and ours at 16 against ours at 1.
+  Each timing is the median of `--repeats` passes (the sides alternating order pass by pass).
   Targets: ours/HFLM at batch 16 >= 1.0, ours at 16 / ours at 1 >= 4.0.
   The model is a dense-llama micro run trained here with `--seq-len 512`, so the 128 answer
   tokens fit after a 384-token prompt (the adapter and HFLM both keep the prompt's last
@@ -35,7 +36,7 @@ directory, with `HMST_BENCH_HOME` pointed there too. The GSM8K rows are read fro
 benchmark copy, `$HMST_BENCH_SHARED_DATA/gsm8k/{train,test}.jsonl` (default `../shared/data`
 beside the repository); without it the script exits with a one-line message.
 
-    python benchmarks/generation_throughput.py [--prompts 32] [--max-gen-toks 128] [--docs 2]
+    python benchmarks/generation_throughput.py [--prompts 32] [--max-gen-toks 128] [--docs 4] [--repeats 3]
 
 Only the JSON goes to stdout; training output and lm-eval's logging go to stderr.
 """
@@ -46,6 +47,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,7 +110,7 @@ def timed_generate(lm, args: list) -> tuple[float, list[str]]:
     return time.perf_counter() - t, out
 
 
-def generation(run_dir: Path, prompts: list[str], max_gen_toks: int, batch_sizes: tuple[int, ...]) -> dict:
+def generation(run_dir: Path, prompts: list[str], max_gen_toks: int, batch_sizes: tuple[int, ...], repeats: int) -> dict:
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -128,10 +130,18 @@ def generation(run_dir: Path, prompts: list[str], max_gen_toks: int, batch_sizes
         sides[("hflm", b)] = HFLM(pretrained=str(run_dir / "hf"), device="cpu", batch_size=b, max_length=window)
     for key, lm in sides.items():
         timed_generate(lm, warm)  # warm-up, not timed
-    for b in batch_sizes:  # ours then HFLM at each batch size
-        for name in ("ours", "hflm"):
-            seconds[(name, b)], outputs[(name, b)] = timed_generate(sides[(name, b)], args)
-            log(f"{name} batch {b}: {seconds[(name, b)]:.2f} s")
+    times: dict = {}
+    for r in range(repeats):  # each repeat: every side once, ours and HFLM in alternating order
+        for b in batch_sizes:
+            for name in (("ours", "hflm") if r % 2 == 0 else ("hflm", "ours")):
+                secs, out = timed_generate(sides[(name, b)], args)
+                times.setdefault((name, b), []).append(secs)
+                if r == 0:
+                    outputs[(name, b)] = out
+                elif out != outputs[(name, b)]:
+                    log(f"{name} batch {b}: repeat {r + 1} generated other text than repeat 1")
+                log(f"{name} batch {b} repeat {r + 1}: {secs:.2f} s")
+    seconds = {k: statistics.median(v) for k, v in times.items()}
 
     def tokens(texts):  # the same count rule for both sides
         return sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
@@ -176,6 +186,8 @@ def generation(run_dir: Path, prompts: list[str], max_gen_toks: int, batch_sizes
         "model": "trained here: " + " ".join(GEN_RUN),
         "params": sum(p.numel() for p in first.model.parameters()),
         "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "seconds_per_repeat": {f"{name}_{b}": [round(x, 3) for x in v] for (name, b), v in times.items()},
     })
     return result
 
@@ -202,7 +214,7 @@ def timed_loglikelihood(lm, tasks) -> tuple[dict, list]:
     return seconds, answers
 
 
-def longctx(hmst_dir: Path, dense_dir: Path, docs: int) -> dict:
+def longctx(hmst_dir: Path, dense_dir: Path, docs: int, repeats: int) -> dict:
     from hmst_bench.eval.lm import HmstBenchLM
     from hmst_bench.model import LanguageModel
 
@@ -222,7 +234,9 @@ def longctx(hmst_dir: Path, dense_dir: Path, docs: int) -> dict:
             model.score_continuations = before  # the instance attribute shadows HMST's override
         try:
             timed_loglikelihood(lm, warm)
-            secs, answers = timed_loglikelihood(lm, tasks)
+            runs = [timed_loglikelihood(lm, tasks) for _ in range(repeats)]
+            secs = {task: statistics.median(r[0][task] for r in runs) for task, _ in tasks}
+            answers = runs[0][1]
         finally:
             if patched:
                 del model.score_continuations
@@ -248,6 +262,7 @@ def longctx(hmst_dir: Path, dense_dir: Path, docs: int) -> dict:
         "max_abs_ll_diff_before_after": max(abs(a[0] - b[0]) for a, b in zip(after_a, before_a)),
         "is_greedy_mismatches_before_after": sum(a[1] != b[1] for a, b in zip(after_a, before_a)),
         "documents": n_docs,
+        "repeats": repeats,
         "requests": sum(len(a) for _, a in tasks),
         "window": window,
         "hmst_context": hmst.max_context,
@@ -264,7 +279,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-gen-toks", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--docs", type=int, default=2, help="documents of each of the six longctx tasks")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes; each figure is the median")
+    parser.add_argument("--docs", type=int, default=4, help="documents of each of the six longctx tasks")
     args = parser.parse_args()
 
     data = shared_data() / "gsm8k"
@@ -287,8 +303,8 @@ def main() -> None:
         prompts = gsm8k_prompts(data, args.prompts)
         result = {
             "benchmark": "generation_throughput",
-            "generate": generation(tmp / "gen", prompts, args.max_gen_toks, (1, args.batch_size)),
-            "longctx": longctx(tmp / "hmst", tmp / "dense64", args.docs),
+            "generate": generation(tmp / "gen", prompts, args.max_gen_toks, (1, args.batch_size), args.repeats),
+            "longctx": longctx(tmp / "hmst", tmp / "dense64", args.docs, args.repeats),
             "device": "cpu",
             "training_seconds": round(trained, 1),
             "wall_seconds": round(time.perf_counter() - started, 1),
