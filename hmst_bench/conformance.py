@@ -104,12 +104,13 @@ def check_scoring(model, s: Subject, tol: float) -> list[Finding]:
     live = masked != IGNORE_INDEX
     want_greedy = torch.stack([nexts[t].argmax(-1) == masked[:, t] for t in cols], dim=1) | ~live[:, cols]
     context, conts = ids[0, : w - 4].tolist(), [ids[1, :1].tolist(), ids[1, 1:4].tolist(), ids[2, :2].tolist()]
-    shared = model.score_continuations(context, conts)
-    plain = LanguageModel.score_continuations(model, context, conts)  # the default: one score call
+    groups = [(context, conts), (ids[2, : w - 6].tolist(), conts[:2]), (ids[1, :3].tolist(), conts[1:])]
+    shared = [a for g in model.score_continuations(groups) for a in g]
+    plain = [a for g in LanguageModel.score_continuations(model, groups) for a in g]  # the default
     shared_diff = max(abs(a[0] - b[0]) for a, b in zip(shared, plain))
     return [
         Finding("score_continuations = score", shared_diff <= tol and [a[1] for a in shared] == [b[1] for b in plain],
-                f"one context, three continuations: largest difference {shared_diff:.2g}"),
+                f"three contexts, seven continuations: largest difference {shared_diff:.2g}"),
         Finding("normalised", norm <= tol, f"|sum p - 1| <= {norm:.2g} over the next-token distributions"),
         Finding("next_token_logprobs = token_logprobs", agree <= tol, f"largest difference {agree:.2g}"),
         Finding("causality", causal <= tol, f"changing token {j} moved earlier log-probs by {causal:.2g}"),

@@ -88,23 +88,31 @@ class LanguageModel(torch.nn.Module, metaclass=abc.ABCMeta):
             greedy[rows, t] = best.to(targets.device) == targets[rows, t]
         return logprobs, greedy
 
-    def score_continuations(self, context: Sequence[int], continuations: Sequence[Sequence[int]],
-                            ) -> list[tuple[float, bool]]:
-        """(sum of log-probs, all greedy) of each continuation after one shared `context`, the
-        whole of each (context + continuation) within `context_len`. The default scores the rows
-        in one right-padded `score` call; a model that reads far past its window overrides it to
-        read the shared context once (HMST)."""
-        rows = [list(context) + list(c) for c in continuations]
+    def score_continuations(self, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                            ) -> list[list[tuple[float, bool]]]:
+        """For each (context, continuations) group: (sum of log-probs, all greedy) of every
+        continuation after that context, each whole row (context + continuation) within
+        `context_len`. The default scores all the rows in one right-padded `score` call; a model
+        that reads far past its window overrides it to read each shared context once (HMST)."""
+        rows, spans = [], []
+        for context, continuations in groups:
+            for c in continuations:
+                rows.append(list(context) + list(c))
+                spans.append(slice(len(context) - 1, len(context) - 1 + len(c)))
         width = max(map(len, rows)) - 1
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for b, row in enumerate(rows):
+        for b, (row, span) in enumerate(zip(rows, spans)):
             ids[b, : len(row) - 1] = torch.tensor(row[:-1])
-            targets[b, len(context) - 1 : len(row) - 1] = torch.tensor(row[len(context):])
+            targets[b, span] = torch.tensor(row[span.start + 1 :])
         device = next(iter(self.parameters())).device
         logprobs, greedy = self.score(ids.to(device), targets.to(device))
-        span = [slice(len(context) - 1, len(row) - 1) for row in rows]
-        return [(float(logprobs[b, s].sum()), bool(greedy[b, s].all())) for b, s in enumerate(span)]
+        flat = [(float(logprobs[b, s].sum()), bool(greedy[b, s].all())) for b, s in enumerate(spans)]
+        out, at = [], 0
+        for _, continuations in groups:
+            out.append(flat[at : at + len(continuations)])
+            at += len(continuations)
+        return out
 
     # ------------------------------------------------------------------ generation
 

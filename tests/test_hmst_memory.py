@@ -300,8 +300,8 @@ def test_reads_of_the_longterm_store_are_exact_causal_and_reach_short_texts(monk
         assert torch.allclose(out[:, : W + 3], base[:, : W + 3], atol=1e-6)
         # continuations of one context read it once (score_continuations), long-term reads included
         context, conts = ids[0, : 2 * W + 3].tolist(), [ids[1, :3].tolist(), ids[1, 3:4].tolist()]
-        shared = model.score_continuations(context, conts)
-        plain = LanguageModel.score_continuations(model, context, conts)
+        shared = model.score_continuations([(context, conts)])[0]
+        plain = LanguageModel.score_continuations(model, [(context, conts)])[0]
     assert [round(a, 5) for a, _ in shared] == [round(b, 5) for b, _ in plain]
     first = torch.tensor(context[1:] + conts[1][:1])
     assert shared[1][0] == pytest.approx(float(full[0, 2 * W + 2, conts[1][0]]), abs=1e-5)

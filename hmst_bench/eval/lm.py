@@ -243,16 +243,23 @@ class HmstBenchLM(TemplateLM):
 
     @torch.no_grad()
     def _score_shared_prefix(self, keys, finish) -> None:
-        """Multi-token continuations grouped by the context before them, each group scored by
-        `score_continuations`, which a memory model answers with one read of the context."""
+        """Multi-token continuations grouped by the context before them, about `batch_size`
+        continuations per `score_continuations` call, which a memory model answers with one read
+        of each context (longest contexts first, so equal numbers of segments meet)."""
         groups: dict[tuple[int, ...], list] = {}
         for key in keys:
             inp, cont = key
             groups.setdefault(inp[: len(inp) - len(cont) + 1], []).append(key)
-        for context, members in groups.items():
-            answers = self.model.score_continuations(list(context), [list(k[1]) for k in members])
-            for key, answer in zip(members, answers):
-                finish(key, answer)
+        ordered = sorted(groups, key=len, reverse=True)
+        while ordered:
+            chunk, rows = [], 0
+            while ordered and (not chunk or rows + len(groups[ordered[0]]) <= self.batch_size):
+                chunk.append(ordered.pop(0))
+                rows += len(groups[chunk[-1]])
+            answers = self.model.score_continuations([(list(c), [list(k[1]) for k in groups[c]]) for c in chunk])
+            for context, scored in zip(chunk, answers):
+                for key, answer in zip(groups[context], scored):
+                    finish(key, answer)
 
     @torch.no_grad()
     def _next_token_logprobs(self, contexts: list[tuple[int, ...]]) -> list[torch.Tensor]:

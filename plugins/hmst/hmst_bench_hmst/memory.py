@@ -136,18 +136,17 @@ class DocMemory:
         self.consolidated: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per write: ids [B, n], vectors [B, n, m], usage [B, n]
         self.shared_stores = False  # set by `rows_for_reading`: the stores may not be written
 
-    def rows_for_reading(self, n: int) -> "DocMemory":
-        """This one-row memory as n identical rows that may be read but not written (the
-        continuations of one context): its tensors expanded, its semantic store shared, which
-        is safe because only a write changes a store."""
-        if self.batch != 1:
-            raise ValueError(f"rows_for_reading copies a one-row memory, this one has {self.batch} rows")
+    def rows_for_reading(self, rows: list[int]) -> "DocMemory":
+        """A memory whose row r is this one's row rows[r] (the continuations of each context),
+        to be read but not written: tensors indexed, semantic stores shared between the rows
+        that copy one row, which is safe because only a write changes a store."""
         clone = copy.copy(self)
-        clone.batch, clone.shared_stores, clone.consolidated = n, True, []
-        clone.stores = self.stores * n
-        grow = lambda t: None if t is None else t.expand(n, *t.shape[1:])  # noqa: E731
-        clone.state, clone.buffer, clone.usage = grow(self.state), grow(self.buffer), grow(self.usage)
-        clone.bank = [grow(b) for b in self.bank]
+        clone.batch, clone.shared_stores, clone.consolidated = len(rows), True, []
+        clone.stores = [self.stores[i] for i in rows]
+        index = torch.tensor(rows, dtype=torch.long)
+        pick = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
+        clone.state, clone.buffer, clone.usage = pick(self.state), pick(self.buffer), pick(self.usage)
+        clone.bank = [pick(b) for b in self.bank]
         return clone
 
     # ------------------------------------------------------------------ writing

@@ -137,33 +137,60 @@ class HMSTModel(SoftmaxLM):
             if a + w < total:
                 mem.write(h)
 
-    def score_continuations(self, context, continuations) -> list[tuple[float, bool]]:
-        """With memory: the context's whole segments are read once into a one-row memory; each
-        continuation then reads only the rest (the context's last partial segment and itself)
-        from a read-only copy of it. Equal to scoring every row from its first token, and the
-        default's cost whenever a row would have to write another segment."""
-        w, n_ctx = self.max_seq_len, len(context)
-        a = (n_ctx - 1) // w * w  # segments before column a hold context tokens only
-        rows = [list(context) + list(c) for c in continuations]
-        if self.memory is None or a == 0 or max(map(len, rows)) - 1 - a > w:
-            return super().score_continuations(context, continuations)
-        device = self.embed.weight.device
-        prefix = torch.tensor([list(context[:a])], dtype=torch.long, device=device)
-        mem = self.new_memory(1)
+    def score_continuations(self, groups) -> list[list[tuple[float, bool]]]:
+        """With memory: the whole segments of every context are read once, the contexts with as
+        many of them side by side as one batch; each continuation then reads only the rest (its
+        context's last partial segment and itself) from a read-only view of its context's memory
+        row. Equal to scoring every row from its first token; a group whose rows would have to
+        write another segment is scored by the default."""
+        if self.memory is None:
+            return super().score_continuations(groups)
+        w = self.max_seq_len
+        out: list = [None] * len(groups)
+        shared: dict[int, list[int]] = {}  # column a where the shared segments end -> groups
+        plain = []
+        for g, (context, continuations) in enumerate(groups):
+            a = (len(context) - 1) // w * w  # segments before column a hold context tokens only
+            if a == 0 or len(context) + max(map(len, continuations)) - 1 - a > w:
+                plain.append(g)
+            else:
+                shared.setdefault(a, []).append(g)
+        if plain:
+            for g, answers in zip(plain, super().score_continuations([groups[g] for g in plain])):
+                out[g] = answers
+        for a, members in shared.items():
+            for g, answers in zip(members, self._score_from_shared_segments(a, [groups[g] for g in members])):
+                out[g] = answers
+        return out
+
+    def _score_from_shared_segments(self, a: int, groups) -> list[list[tuple[float, bool]]]:
+        w, device = self.max_seq_len, self.embed.weight.device
+        prefix = torch.tensor([list(context[:a]) for context, _ in groups], dtype=torch.long, device=device)
+        mem = self.new_memory(len(groups))
         for s in range(0, a, w):
             mem.write(self.forward_all(prefix[:, s : s + w], slice(0, 0), 0, None, mem)[0])
-        tails = [r[a:-1] for r in rows]
-        ids = torch.zeros((len(rows), max(map(len, tails))), dtype=torch.long)
-        for b, tail in enumerate(tails):
-            ids[b, : len(tail)] = torch.tensor(tail)
-        first = n_ctx - 1 - a  # the tail column that predicts each continuation's first token
-        logits = self.forward_all(ids.to(device), slice(first, ids.shape[1]), 0, None, mem.rows_for_reading(len(rows)))[1]
+        tails, owner, first, conts = [], [], [], []
+        for g, (context, continuations) in enumerate(groups):
+            for c in continuations:
+                tails.append((list(context) + list(c))[a:-1])
+                owner.append(g)
+                first.append(len(context) - 1 - a)  # the tail column predicting c's first token
+                conts.append(list(c))
+        ids = torch.zeros((len(tails), max(map(len, tails))), dtype=torch.long)
+        for r, tail in enumerate(tails):
+            ids[r, : len(tail)] = torch.tensor(tail)
+        lo = min(first)
+        logits = self.forward_all(ids.to(device), slice(lo, ids.shape[1]), 0, None, mem.rows_for_reading(owner))[1]
         logp = torch.log_softmax(logits.float(), dim=-1)
-        out = []
-        for b, cont in enumerate(continuations):
-            got = logp[b, : len(cont)]
-            target = torch.tensor(list(cont), device=got.device)
-            out.append((float(got.gather(-1, target[:, None]).sum()), bool((got.argmax(-1) == target).all())))
+        flat = []
+        for r, c in enumerate(conts):
+            got = logp[r, first[r] - lo : first[r] - lo + len(c)]
+            target = torch.tensor(c, device=got.device)
+            flat.append((float(got.gather(-1, target[:, None]).sum()), bool((got.argmax(-1) == target).all())))
+        out, at = [], 0
+        for _, continuations in groups:
+            out.append(flat[at : at + len(continuations)])
+            at += len(continuations)
         return out
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
