@@ -243,9 +243,10 @@ class HmstBenchLM(TemplateLM):
 
     @torch.no_grad()
     def _score_shared_prefix(self, keys, finish) -> None:
-        """Multi-token continuations grouped by the context before them, about `batch_size`
-        continuations per `score_continuations` call, which a memory model answers with one read
-        of each context (longest contexts first, so equal numbers of segments meet)."""
+        """Multi-token continuations grouped by the context before them, up to `batch_size`
+        contexts (and 8 x `batch_size` continuations) per `score_continuations` call, which a
+        memory model answers with one read of each context, contexts of equal length side by
+        side (longest first, so they meet in one call)."""
         groups: dict[tuple[int, ...], list] = {}
         for key in keys:
             inp, cont = key
@@ -253,7 +254,8 @@ class HmstBenchLM(TemplateLM):
         ordered = sorted(groups, key=len, reverse=True)
         while ordered:
             chunk, rows = [], 0
-            while ordered and (not chunk or rows + len(groups[ordered[0]]) <= self.batch_size):
+            while ordered and (not chunk or (len(chunk) < self.batch_size
+                                             and rows + len(groups[ordered[0]]) <= 8 * self.batch_size)):
                 chunk.append(ordered.pop(0))
                 rows += len(groups[chunk[-1]])
             answers = self.model.score_continuations([(list(c), [list(k[1]) for k in groups[c]]) for c in chunk])
