@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hmst_bench.budget import Budget, BudgetError, BudgetMeter, count_flops, parse_budget
+from hmst_bench.model import LanguageModel
 
 
 @pytest.mark.parametrize(
@@ -88,11 +89,33 @@ def test_cpu_sdpa_counts_like_the_matmuls_it_replaces():
     assert both == 4 * B * H * T * T * D + 10 * B * H * T * T * D
 
 
+class _Declares(LanguageModel):
+    """A linear layer declaring 100 FLOPs per batch the counter cannot see (the scoring methods
+    are not exercised here)."""
+
+    max_seq_len = 2
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2, bias=False)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def extra_flops(self, batch):
+        return 100.0
+
+    def loss(self, batch):
+        raise NotImplementedError
+
+    token_logprobs = next_token_logprobs = loss
+
+
 def test_meter_accumulates_and_adds_declared_extra_flops():
     meter = BudgetMeter(parse_budget("1000"))
-    lin = torch.nn.Linear(2, 2, bias=False)
-    lin.extra_flops = lambda batch: 100.0  # what a model declares for ops the counter cannot see
+    lin = _Declares()
     _, flops = meter.measure(lambda: lin(torch.ones(1, 2)), lin, batches=["b1", "b2"])
+    assert meter.measure(lambda: lin(torch.ones(1, 2)), torch.nn.Linear(2, 2), batches=["b"])[1] == 8  # no model: none
     assert flops == 2 * 1 * 2 * 2 + 2 * 100
     _, flops = meter.measure(lambda: lin(torch.ones(1, 2)))
     assert flops == 2 * 1 * 2 * 2

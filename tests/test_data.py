@@ -39,6 +39,47 @@ def test_synthetic_facts_is_seeded_and_unseen_entities_never_appear():
     assert str(a_seen.birth_year) in text and a_seen.birthplace in text
 
 
+@pytest.mark.parametrize("spec, people, cities, repeat", [
+    ("synthetic-facts:entities=200,repeat=10", 200, 40, 10),
+    ("synthetic-facts:entities=50", 50, 10, 3),
+    ("synthetic-facts:repeat=1", 1200, 240, 1),
+])
+def test_a_sized_knowledge_base_keeps_unseen_entities_out(spec, people, cities, repeat):
+    size = facts.FactsSpec.parse(spec)
+    kb = facts.knowledge_base(facts.SEED, size)
+    assert (len(kb.people), len(kb.cities), size.repeat) == (people, cities, repeat)
+    docs = facts.documents(size=size)
+    seen = sum(p.seen for p in kb.people) + sum(c.seen for c in kb.cities)
+    assert len(docs) == seen * repeat  # every seen entity, `repeat` renderings each
+    text = "\n".join(t for _, t in docs)
+    assert not any(p.name in text for p in kb.people if not p.seen)
+    assert not any(c.name in text for c in kb.cities if not c.seen)
+    assert not any(q["question"] in text for q in facts.questions(size=size))
+    names = {p.name for p in kb.people} | {c.name for c in kb.cities}
+    assert {q["entity"] for q in facts.questions(size=size)} <= names
+    corpus = load_corpus(spec)
+    assert corpus.name == size.text and corpus.fingerprint != load_corpus("synthetic-facts").fingerprint
+
+
+def test_the_default_spec_is_the_original_corpus():
+    assert facts.FactsSpec.parse("synthetic-facts") == facts.FactsSpec() == facts.FactsSpec.parse(
+        "synthetic-facts:entities=1200,repeat=3")
+    assert load_corpus("synthetic-facts:entities=1200,repeat=3").name == "synthetic-facts"
+    assert len(facts.documents()) == 3390  # the corpus every earlier run trained on
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("synthetic-facts:entities=x", "entities must be a whole number"),
+    ("synthetic-facts:size=3", "unknown part 'size=3'"),
+    ("synthetic-facts:entities=5", "entities must be 10..100000"),
+    ("synthetic-facts:repeat=0", "repeat 1..1000"),
+])
+def test_bad_facts_specs_are_one_line(bad, needle):
+    with pytest.raises(CorpusError, match=needle) as exc:
+        load_corpus(bad)
+    assert "\n" not in str(exc.value)
+
+
 def test_text_file_corpus_holds_out_its_tail(tmp_path):
     path = tmp_path / "book.txt"
     lines = [f"line {i}\n" for i in range(1000)]

@@ -144,6 +144,24 @@ def test_primer_entities_are_never_evaluated():
         assert (row["entity"] in corpus) is row["seen"]
 
 
+def test_factqa_asks_about_the_knowledge_base_it_is_given():
+    """A run trained on a sized synthetic-facts corpus is asked about that corpus's entities."""
+    from hmst_bench.data import facts
+
+    size = facts.FactsSpec.parse("synthetic-facts:entities=60,repeat=8")
+    with h.knowledge(size):
+        ds = h.lm_eval_dataset()
+    kb = facts.knowledge_base(facts.SEED, size)
+    names = {e.name: e.seen for e in (*kb.people, *kb.cities)}
+    rows = list(ds["test"]) + list(ds["fewshot"])
+    # every question of the 60 people and 12 cities, less those of the 7 primer entities
+    assert len(ds["test"]) == 60 * 3 + 12 * 2 - (4 * 3 + 3 * 2) and len(ds["fewshot"]) == 7
+    assert all(names[r["entity"]] == r["seen"] for r in rows)
+    corpus = " ".join(text for _, text in facts.documents(size=size))
+    assert all((r["entity"] in corpus) is r["seen"] for r in rows)
+    assert h.documents() != h.documents(size=size)  # outside the block: the default corpus again
+
+
 def _task(name: str):
     import hmst_bench_suites
     from lm_eval.tasks import TaskManager

@@ -156,10 +156,14 @@ def _stdlib_docs() -> list[tuple[str, str]]:
     return docs
 
 
-def _facts_docs() -> list[tuple[str, str]]:
+def _facts_corpus(spec: str) -> "Corpus":
     from hmst_bench.data import facts
 
-    return facts.documents()
+    try:
+        size = facts.FactsSpec.parse(spec)
+    except facts.FactsSpecError as exc:
+        raise CorpusError(str(exc)) from None
+    return Corpus(size.text, lambda: facts.documents(size=size))
 
 
 def _mbpp_examples() -> dict[str, list[tuple[str, str, str]]]:
@@ -237,8 +241,8 @@ def load_corpus(spec: str) -> Corpus:
     """Resolve a `--corpus` value (an embedded name, a path or `hf:NAME[:CONFIG]`)."""
     if spec == "stdlib-code":
         return Corpus(spec, _stdlib_docs)
-    if spec == "synthetic-facts":
-        return Corpus(spec, _facts_docs)
+    if spec.partition(":")[0] == "synthetic-facts":
+        return _facts_corpus(spec)
     if spec == "mbpp-train":
         return ExampleCorpus(spec, lambda: [], _mbpp_examples)
     if spec.startswith("hf:"):

@@ -6,8 +6,13 @@ that appear in the training text ("seen") and about entities that never do ("uns
 model that answers an unseen-entity question confidently is hallucinating by construction.
 The question set is held out: no question-form sentence is ever rendered into the corpus.
 
-Everything is a pure function of the seed, so the corpus, the split and the questions are
-identical on every machine.
+Its size is a knob, so that a small model can memorise what it saw: `FactsSpec` (written
+`synthetic-facts:entities=N,repeat=R` wherever a corpus is named) sets the number of people
+(`entities`; cities are a fifth of that) and how many differently-worded documents describe each
+seen entity (`repeat`). The default (1200 people, 3 renderings) is the original corpus.
+
+Everything is a pure function of the seed and the spec, so the corpus, the split and the
+questions are identical on every machine.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 SEED = 20261122
 N_PEOPLE = 1200
@@ -81,13 +87,66 @@ def _unique_words(rng: random.Random, n: int, syllables: tuple[int, int], taken:
     return out
 
 
-@lru_cache(maxsize=4)
-def knowledge_base(seed: int = SEED) -> KnowledgeBase:
+NAME = "synthetic-facts"
+MAX_ENTITIES = 100_000
+MAX_REPEAT = 1000
+
+
+class FactsSpecError(ValueError):
+    """A `synthetic-facts:...` spec that cannot be read; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class FactsSpec:
+    """How big the knowledge base is: `entities` people (and a fifth as many cities), each seen
+    entity rendered in `repeat` documents. `text` is the canonical corpus name."""
+
+    entities: int = N_PEOPLE
+    repeat: int = RENDERINGS
+
+    @property
+    def cities(self) -> int:
+        return N_CITIES if self.entities == N_PEOPLE else max(10, self.entities // 5)
+
+    @property
+    def text(self) -> str:
+        if (self.entities, self.repeat) == (N_PEOPLE, RENDERINGS):
+            return NAME
+        return f"{NAME}:entities={self.entities},repeat={self.repeat}"
+
+    @classmethod
+    def parse(cls, spec: str) -> "FactsSpec":
+        """`synthetic-facts`, or `synthetic-facts:entities=N,repeat=R` (either key may be left out)."""
+        name, _, options = spec.partition(":")
+        if name != NAME:
+            raise FactsSpecError(f"{spec!r} is not a synthetic-facts corpus")
+        values: dict[str, int] = {}
+        for part in filter(None, options.split(",")):
+            key, eq, raw = part.partition("=")
+            key = key.strip()
+            if key not in ("entities", "repeat") or not eq:
+                raise FactsSpecError(f"{spec!r}: write synthetic-facts:entities=N,repeat=R (unknown part {part!r})")
+            try:
+                values[key] = int(raw)
+            except ValueError:
+                raise FactsSpecError(f"{spec!r}: {key} must be a whole number, got {raw!r}") from None
+        out = cls(**values)
+        if not 10 <= out.entities <= MAX_ENTITIES or not 1 <= out.repeat <= MAX_REPEAT:
+            raise FactsSpecError(f"{spec!r}: entities must be 10..{MAX_ENTITIES} and repeat 1..{MAX_REPEAT}")
+        return out
+
+
+def is_facts(spec: Optional[str]) -> bool:
+    return isinstance(spec, str) and spec.partition(":")[0] == NAME
+
+
+@lru_cache(maxsize=8)
+def knowledge_base(seed: int = SEED, size: FactsSpec = FactsSpec()) -> KnowledgeBase:
     rng = random.Random(seed)
     taken: set[str] = set()
     countries = tuple(_unique_words(rng, N_COUNTRIES, (2, 3), taken))
     rivers = _unique_words(rng, 40, (2, 2), taken)
-    city_names = _unique_words(rng, N_CITIES, (2, 3), taken)
+    city_names = _unique_words(rng, size.cities, (2, 3), taken)
     cities = tuple(
         City(
             id=f"city-{i:04d}",
@@ -100,11 +159,11 @@ def knowledge_base(seed: int = SEED) -> KnowledgeBase:
         for i, name in enumerate(city_names)
     )
     seen_cities = [c for c in cities if c.seen]  # an unseen city must never be named in the corpus
-    given = _unique_words(rng, 300, (1, 2), taken)
-    family = _unique_words(rng, 600, (2, 3), taken)
+    given = _unique_words(rng, max(300, size.entities // 4), (1, 2), taken)
+    family = _unique_words(rng, max(600, size.entities // 2), (2, 3), taken)
     names: set[str] = set()
     people = []
-    while len(people) < N_PEOPLE:
+    while len(people) < size.entities:
         name = f"{rng.choice(given)} {rng.choice(family)}"
         if name in names:
             continue
@@ -164,11 +223,11 @@ def _city_sentences(c: City, rng: random.Random) -> list[str]:
     ]
 
 
-def documents(seed: int = SEED) -> list[tuple[str, str]]:
+def documents(seed: int = SEED, size: FactsSpec = FactsSpec()) -> list[tuple[str, str]]:
     """(doc_id, text) for every rendering of every seen entity; unseen ones never appear."""
-    kb = knowledge_base(seed)
+    kb = knowledge_base(seed, size)
     docs = []
-    for r in range(RENDERINGS):
+    for r in range(size.repeat):
         for p in kb.people:
             if p.seen:
                 rng = random.Random(f"{seed}:{p.id}:{r}")
@@ -180,9 +239,9 @@ def documents(seed: int = SEED) -> list[tuple[str, str]]:
     return docs
 
 
-def questions(seed: int = SEED) -> list[dict]:
+def questions(seed: int = SEED, size: FactsSpec = FactsSpec()) -> list[dict]:
     """Held-out closed-book questions about seen and unseen entities, with reference answers."""
-    kb = knowledge_base(seed)
+    kb = knowledge_base(seed, size)
     out = []
     for p in kb.people:
         for key, question, answer in (

@@ -23,11 +23,12 @@ Definitions are in docs/metrics.md ("Hallucination").
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 GREEDY_TASK = "factqa"
@@ -193,16 +194,34 @@ def _row(q: dict) -> dict:
     }
 
 
-def documents(seed: int | None = None) -> tuple[list[dict], list[dict]]:
-    """(test rows, primer rows) for the facts knowledge base of `seed` (default facts.SEED).
+_knowledge: Any = None  # the FactsSpec of the evaluated run's corpus, set by `knowledge`
+
+
+@contextlib.contextmanager
+def knowledge(size: Any) -> Iterator[None]:
+    """The knowledge base (`facts.FactsSpec`) the factqa tasks built inside ask about: the
+    evaluated run's training corpus when that is synthetic-facts, so a sized corpus is asked
+    about its own entities."""
+    global _knowledge
+    previous, _knowledge = _knowledge, size
+    try:
+        yield
+    finally:
+        _knowledge = previous
+
+
+def documents(seed: int | None = None, size: Any = None) -> tuple[list[dict], list[dict]]:
+    """(test rows, primer rows) for the facts knowledge base of `seed` (default facts.SEED) and
+    `size` (a facts.FactsSpec; default the one `knowledge` set, else the default corpus).
 
     The primer follows PRIMER_PLAN; the test split is every other question, shuffled with
     random.Random(f"factqa:{seed}") so that the first N (`--limit N`) mix kinds and parts."""
     from hmst_bench.data import facts
 
     seed = facts.SEED if seed is None else int(seed)
-    kb = facts.knowledge_base(seed)
-    by_id = {q["id"]: q for q in facts.questions(seed)}
+    size = size or _knowledge or facts.FactsSpec()
+    kb = facts.knowledge_base(seed, size)
+    by_id = {q["id"]: q for q in facts.questions(seed, size)}
     used: set[str] = set()
     primer = []
     for kind, seen, question in PRIMER_PLAN:

@@ -197,7 +197,8 @@ def evaluate(
     import lm_eval
     import torch
 
-    from hmst_bench.eval import longctx
+    from hmst_bench.data import facts
+    from hmst_bench.eval import hallucination, longctx
     from hmst_bench.eval.lm import HmstBenchLM, quiet_git_probe
     from hmst_bench.train.rundir import git_sha, load_run, read_info
 
@@ -221,6 +222,8 @@ def evaluate(
         else:
             warnings.warn(output.message, EvalWarning, stacklevel=2)
     seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4
+    corpus = run.info.get("corpus_spec")
+    facts_size = facts.FactsSpec.parse(corpus) if facts.is_facts(corpus) else facts.FactsSpec()
     # sampled rows draw from generators seeded from lm-eval's torch seed, so the cache name has it
     lm = HmstBenchLM(run=run, device=device, batch_size=batch_size, progress=progress, seed=seeds[2])
     # lm-eval keys each answer by the request; the file name adds what else decides the answer:
@@ -241,7 +244,9 @@ def evaluate(
         tasks, gen_kwargs = code.tasks(suite, manager)
         # longctx builds its documents for this model's window and tokenizer (hmst_bench.eval.longctx);
         # quiet_git_probe: lm-eval's `git describe` of the cwd, without git's "fatal: ..." outside a checkout
-        with code.execution(suite), longctx.context(lm.max_length, lm.tokenizer), quiet_git_probe():
+        # factqa asks about the knowledge base the run was trained on (a sized synthetic-facts)
+        with code.execution(suite), longctx.context(lm.max_length, lm.tokenizer), \
+                hallucination.knowledge(facts_size), quiet_git_probe():
             out = _simple_evaluate(lm_eval, lm, tasks, gen_kwargs, num_fewshot, limit, cache, output.cache, manager,
                                    seeds, unsafe=suite.executes_code)
             sandbox = code.attach_outcomes(suite, out)
@@ -292,6 +297,7 @@ def evaluate(
                 "seeds": dict(zip(("random", "numpy", "torch", "fewshot"), seeds)),
                 "batch_size": lm.batch_size,
                 "device": str(lm.device),
+                "facts_corpus": facts_size.text,  # the knowledge base factqa asks about
                 "window": lm.max_length,  # the model's attention window
                 "context": lm.max_context,  # tokens of context it reads (more than the window through a memory)
                 "requests": {"total": requests, "computed": sum(computed.values()),
