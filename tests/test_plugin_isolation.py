@@ -295,8 +295,11 @@ def test_a_real_ctrl_c_while_plugins_load_stops_the_command(hanging_site, tmp_pa
     Ctrl-C does, without a traceback and without going on as if the plugin had merely failed."""
     marker = tmp_path / "imported"
     env = {**os.environ, **_hang_env(hanging_site, marker, timeout="0")}
+    # a terminal's Ctrl-C: SIGINT at its default, even where the test itself was started in the
+    # background of a script (which starts it ignored, and children inherit that)
     proc = subprocess.Popen([sys.executable, "-m", "hmst_bench.cli", "list", "archs", "--json"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
