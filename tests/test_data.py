@@ -71,6 +71,8 @@ def test_the_default_spec_is_the_original_corpus():
 @pytest.mark.parametrize("bad, needle", [
     ("synthetic-facts:entities=x", "entities must be a whole number"),
     ("synthetic-facts:size=3", "unknown part 'size=3'"),
+    ("synthetic-facts:qa=1", "qa in \\[0, 1\\)"),
+    ("synthetic-facts:qa=half", "qa must be a fraction"),
     ("synthetic-facts:entities=5", "entities must be 10..100000"),
     ("synthetic-facts:repeat=0", "repeat 1..1000"),
 ])

@@ -162,6 +162,28 @@ def test_factqa_asks_about_the_knowledge_base_it_is_given():
     assert h.documents() != h.documents(size=size)  # outside the block: the default corpus again
 
 
+def test_answered_questions_in_the_corpus_are_never_asked():
+    """With qa=F, the corpus answers the questions of a fraction of the seen entities in the
+    prompt's own format; factqa asks only about the others, whose questions stay held out."""
+    from hmst_bench.data import facts
+
+    size = facts.FactsSpec.parse("synthetic-facts:entities=100,repeat=2,qa=0.5")
+    answered = facts.qa_entities(facts.SEED, size)
+    kb = facts.knowledge_base(facts.SEED, size)
+    seen = [e for e in (*kb.people, *kb.cities) if e.seen]
+    assert 0.3 < len(answered) / len(seen) < 0.7 and all(e.seen for e in seen if e.id in answered)
+    corpus = "\n".join(text for _, text in facts.documents(size=size))
+    test, primer = h.documents(size=size)
+    assert not {r["id"].split(":")[0] for r in test + primer} & answered
+    for row in test:
+        assert f"Q: {row['question']}" not in corpus  # a test question is never in the corpus
+    q = next(q for q in facts.questions(size=size) if q["id"].split(":")[0] in answered)
+    assert f"Q: {q['question']}\nA: {q['answer']}." in corpus
+    plain = facts.FactsSpec.parse("synthetic-facts:entities=100,repeat=2")
+    assert facts.knowledge_base(facts.SEED, plain) == kb  # the entities do not depend on qa
+    assert "Q: " not in "\n".join(text for _, text in facts.documents(size=plain))
+
+
 def _task(name: str):
     import hmst_bench_suites
     from lm_eval.tasks import TaskManager

@@ -7,9 +7,13 @@ model that answers an unseen-entity question confidently is hallucinating by con
 The question set is held out: no question-form sentence is ever rendered into the corpus.
 
 Its size is a knob, so that a small model can memorise what it saw: `FactsSpec` (written
-`synthetic-facts:entities=N,repeat=R` wherever a corpus is named) sets the number of people
-(`entities`; cities are a fifth of that) and how many differently-worded documents describe each
-seen entity (`repeat`). The default (1200 people, 3 renderings) is the original corpus.
+`synthetic-facts:entities=N,repeat=R,qa=F` wherever a corpus is named) sets the number of people
+(`entities`; cities are a fifth of that), how many differently-worded documents describe each
+seen entity (`repeat`), and the fraction `qa` of seen entities whose questions are also rendered,
+answered, in the factqa prompt's format ("Q: ...\nA: ...") — the mixed training that lets a model
+learn to extract what it memorised from prose (Allen-Zhu and Li, "Physics of Language Models
+3.1"); factqa then asks only about the other entities. The default (1200 people, 3 renderings,
+no question-answer documents) is the original corpus.
 
 Everything is a pure function of the seed and the spec, so the corpus, the split and the
 questions are identical on every machine.
@@ -103,6 +107,7 @@ class FactsSpec:
 
     entities: int = N_PEOPLE
     repeat: int = RENDERINGS
+    qa: float = 0.0
 
     @property
     def cities(self) -> int:
@@ -110,29 +115,31 @@ class FactsSpec:
 
     @property
     def text(self) -> str:
-        if (self.entities, self.repeat) == (N_PEOPLE, RENDERINGS):
+        if (self.entities, self.repeat, self.qa) == (N_PEOPLE, RENDERINGS, 0.0):
             return NAME
-        return f"{NAME}:entities={self.entities},repeat={self.repeat}"
+        return f"{NAME}:entities={self.entities},repeat={self.repeat}" + (f",qa={self.qa:g}" if self.qa else "")
 
     @classmethod
     def parse(cls, spec: str) -> "FactsSpec":
-        """`synthetic-facts`, or `synthetic-facts:entities=N,repeat=R` (either key may be left out)."""
+        """`synthetic-facts`, or `synthetic-facts:entities=N,repeat=R,qa=F` (any key may be left out)."""
         name, _, options = spec.partition(":")
         if name != NAME:
             raise FactsSpecError(f"{spec!r} is not a synthetic-facts corpus")
-        values: dict[str, int] = {}
+        values: dict[str, float] = {}
         for part in filter(None, options.split(",")):
             key, eq, raw = part.partition("=")
             key = key.strip()
-            if key not in ("entities", "repeat") or not eq:
-                raise FactsSpecError(f"{spec!r}: write synthetic-facts:entities=N,repeat=R (unknown part {part!r})")
+            if key not in ("entities", "repeat", "qa") or not eq:
+                raise FactsSpecError(f"{spec!r}: write synthetic-facts:entities=N,repeat=R,qa=F (unknown part {part!r})")
             try:
-                values[key] = int(raw)
+                values[key] = float(raw) if key == "qa" else int(raw)
             except ValueError:
-                raise FactsSpecError(f"{spec!r}: {key} must be a whole number, got {raw!r}") from None
+                kind = "a fraction" if key == "qa" else "a whole number"
+                raise FactsSpecError(f"{spec!r}: {key} must be {kind}, got {raw!r}") from None
         out = cls(**values)
-        if not 10 <= out.entities <= MAX_ENTITIES or not 1 <= out.repeat <= MAX_REPEAT:
-            raise FactsSpecError(f"{spec!r}: entities must be 10..{MAX_ENTITIES} and repeat 1..{MAX_REPEAT}")
+        if not 10 <= out.entities <= MAX_ENTITIES or not 1 <= out.repeat <= MAX_REPEAT or not 0 <= out.qa < 1:
+            raise FactsSpecError(f"{spec!r}: entities must be 10..{MAX_ENTITIES}, repeat 1..{MAX_REPEAT} "
+                                 "and qa in [0, 1)")
         return out
 
 
@@ -223,10 +230,30 @@ def _city_sentences(c: City, rng: random.Random) -> list[str]:
     ]
 
 
+def qa_entities(seed: int = SEED, size: FactsSpec = FactsSpec()) -> frozenset[str]:
+    """Ids of the seen entities whose questions the corpus also renders, answered (`size.qa` of
+    them, each chosen by its own seeded draw, so the default knowledge base is untouched)."""
+    if not size.qa:
+        return frozenset()
+    kb = knowledge_base(seed, size)
+    return frozenset(e.id for e in (*kb.people, *kb.cities)
+                     if e.seen and random.Random(f"{seed}:qa:{e.id}").random() < size.qa)
+
+
 def documents(seed: int = SEED, size: FactsSpec = FactsSpec()) -> list[tuple[str, str]]:
-    """(doc_id, text) for every rendering of every seen entity; unseen ones never appear."""
+    """(doc_id, text) for every rendering of every seen entity, and for the `qa_entities` their
+    answered questions in the factqa format; unseen entities never appear."""
     kb = knowledge_base(seed, size)
     docs = []
+    answered = qa_entities(seed, size)
+    by_entity: dict[str, list[dict]] = {}
+    for q in questions(seed, size) if answered else ():
+        by_entity.setdefault(q["id"].split(":")[0], []).append(q)
+    for r in range(size.repeat):
+        for entity_id in sorted(answered):
+            qs = list(by_entity[entity_id])
+            random.Random(f"{seed}:{entity_id}:qa:{r}").shuffle(qs)
+            docs.append((f"{entity_id}/qa{r}", "\n\n".join(f"Q: {q['question']}\nA: {q['answer']}." for q in qs)))
     for r in range(size.repeat):
         for p in kb.people:
             if p.seen:

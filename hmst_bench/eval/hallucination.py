@@ -222,7 +222,7 @@ def documents(seed: int | None = None, size: Any = None) -> tuple[list[dict], li
     size = size or _knowledge or facts.FactsSpec()
     kb = facts.knowledge_base(seed, size)
     by_id = {q["id"]: q for q in facts.questions(seed, size)}
-    used: set[str] = set()
+    used: set[str] = set(facts.qa_entities(seed, size))  # answered in the corpus: never asked
     primer = []
     for kind, seen, question in PRIMER_PLAN:
         pool = kb.people if kind == "person" else kb.cities
