@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from hmst_bench.arch import IGNORE_INDEX
+from hmst_bench.generation import left_padded, right_padded
 
 # log-probs come back as float32 (the contract), so even a float64 model agrees to ~1e-7 only
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-4}
@@ -63,12 +64,6 @@ def _greedy_reference(model, prompt: list[int], n: int) -> list[int]:
         out.append(nxt)
         seq.append(nxt)
     return out
-
-
-def _rows(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    from hmst_bench.generation import right_padded
-
-    return right_padded(prompts, "cpu")
 
 
 # ----------------------------------------------------------------------------- the properties
@@ -128,9 +123,9 @@ def check_generation(model, s: Subject, tol: float) -> list[Finding]:
     prompts = [s.tokens(k, offset=10 + k).tolist() for k in (w - 3, 5, 1)]  # the first crosses the window
     reference = [_greedy_reference(model, p, n) for p in prompts]
     alone = [model.generate(torch.tensor([p]), n)[0] for p in prompts]
-    batched = model.generate(*_rows(prompts)[:1], n, lengths=_rows(prompts)[1])
+    ids, lengths = right_padded(prompts, "cpu")
+    batched = model.generate(ids, n, lengths=lengths)
     gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]  # noqa: E731
-    ids, lengths = _rows(prompts)
     sampled = model.generate(ids, n, lengths=lengths, temperature=1.0, top_k=20, generators=gens())
     sampled_alone = [model.generate(torch.tensor([p]), n, temperature=1.0, top_k=20, generators=[g])[0]
                      for p, g in zip(prompts, gens())]
@@ -147,8 +142,6 @@ def check_generation(model, s: Subject, tol: float) -> list[Finding]:
 
 
 def check_kv_cache(model, s: Subject, tol: float) -> Finding:
-    from hmst_bench.generation import left_padded
-
     if model.kv_cache_pads:
         lengths = (7, 2, 4)
     else:  # equal lengths, unpadded; reaching past the window where the model reads further
@@ -160,7 +153,7 @@ def check_kv_cache(model, s: Subject, tol: float) -> Finding:
     worst = 0.0
     for step in range(feed.shape[1] + 1):
         seqs = [p + feed[b, :step].tolist() for b, p in enumerate(prompts)]
-        worst = max(worst, _diff(logprobs, model.next_token_logprobs(*_rows(seqs))))
+        worst = max(worst, _diff(logprobs, model.next_token_logprobs(*right_padded(seqs, "cpu"))))
         if step < feed.shape[1]:
             logprobs, state = model.decode_step(feed[:, step : step + 1], state)
     how = "left-padded prefill" if model.kv_cache_pads else f"prefill of {lengths[0]} tokens"

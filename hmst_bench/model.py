@@ -94,25 +94,21 @@ class LanguageModel(torch.nn.Module, metaclass=abc.ABCMeta):
         continuation after that context, each whole row (context + continuation) within
         `context_len`. The default scores all the rows in one right-padded `score` call; a model
         that reads far past its window overrides it to read each shared context once (HMST)."""
+        from hmst_bench.generation import right_padded
+
         rows, spans = [], []
         for context, continuations in groups:
             for c in continuations:
                 rows.append(list(context) + list(c))
                 spans.append(slice(len(context) - 1, len(context) - 1 + len(c)))
-        width = max(map(len, rows)) - 1
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for b, (row, span) in enumerate(zip(rows, spans)):
-            ids[b, : len(row) - 1] = torch.tensor(row[:-1])
-            targets[b, span] = torch.tensor(row[span.start + 1 :])
         device = next(iter(self.parameters())).device
-        logprobs, greedy = self.score(ids.to(device), targets.to(device))
-        flat = [(float(logprobs[b, s].sum()), bool(greedy[b, s].all())) for b, s in enumerate(spans)]
-        out, at = [], 0
-        for _, continuations in groups:
-            out.append(flat[at : at + len(continuations)])
-            at += len(continuations)
-        return out
+        ids = right_padded([row[:-1] for row in rows], device)[0]
+        targets = torch.full(ids.shape, IGNORE_INDEX, dtype=torch.long)
+        for b, (row, span) in enumerate(zip(rows, spans)):
+            targets[b, span] = torch.tensor(row[span.start + 1 :])
+        logprobs, greedy = self.score(ids, targets.to(device))
+        logprobs, greedy = logprobs.float().cpu(), greedy.cpu()
+        return per_group([(float(logprobs[b, s].sum()), bool(greedy[b, s].all())) for b, s in enumerate(spans)], groups)
 
     # ------------------------------------------------------------------ generation
 
@@ -176,6 +172,15 @@ class LanguageModel(torch.nn.Module, metaclass=abc.ABCMeta):
         """With `hallucination_detector`: one finite score per (prompt, answer), higher = more
         likely wrong (HMST's critic); `eval --suite factqa` reports its AUROC."""
         raise NotImplementedError(f"{type(self).__name__} has no hallucination detector")
+
+
+def per_group(flat: list, groups: Sequence[tuple[Any, Sequence]]) -> list[list]:
+    """`score_continuations`'s answer from one flat list of answers, in the groups' order."""
+    out, at = [], 0
+    for _, continuations in groups:
+        out.append(flat[at : at + len(continuations)])
+        at += len(continuations)
+    return out
 
 
 class ContractError(TypeError):

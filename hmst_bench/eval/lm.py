@@ -45,7 +45,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from hmst_bench.arch import IGNORE_INDEX
+from hmst_bench.generation import right_padded
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_SEED = 1234  # of each sampled row's own generator (see _row_generators)
@@ -266,30 +266,15 @@ class HmstBenchLM(TemplateLM):
     @torch.no_grad()
     def _next_token_logprobs(self, contexts: list[tuple[int, ...]]) -> list[torch.Tensor]:
         """Next-token log-distributions after each context, in one right-padded batch."""
-        ids = self._right_padded(contexts)
-        lengths = torch.tensor([len(c) for c in contexts], device=self.device)
+        ids, lengths = right_padded(contexts, self.device)
         return list(self.model.next_token_logprobs(ids, lengths=lengths).float().cpu())
-
-    def _right_padded(self, rows) -> torch.Tensor:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        ids = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return ids.to(self.device)
 
     @torch.no_grad()
     def _score_continuations(self, keys) -> list[tuple[float, bool]]:
-        ids = self._right_padded([inp for inp, _ in keys])
-        targets = torch.full(ids.shape, IGNORE_INDEX, dtype=torch.long)
-        for row, (inp, cont) in enumerate(keys):
-            targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont)
-        logprobs, greedy = self.model.score(ids, targets.to(self.device))
-        logprobs, greedy = logprobs.float().cpu(), greedy.cpu()
-        answers = []
-        for row, (inp, cont) in enumerate(keys):
-            span = slice(len(inp) - len(cont), len(inp))
-            answers.append((float(logprobs[row, span].sum()), bool(greedy[row, span].all())))
-        return answers
+        """One batch of (input, continuation) keys, each its own group of `score_continuations`
+        (the base class's: one right-padded `score` call over all of them)."""
+        groups = [(inp[: len(inp) - len(cont) + 1], [cont]) for inp, cont in keys]
+        return [answers[0] for answers in self.model.score_continuations(groups)]
 
     def window_cuts(self, requests: Iterable[tuple[str, Any]]) -> dict[str, int]:
         """How many of these requests (their `args`) the context the model reads cut short:
@@ -422,8 +407,7 @@ class HmstBenchLM(TemplateLM):
             members.sort(key=lambda i: len(prompts[i]), reverse=True)
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
-                ids = self._right_padded([prompts[i] for i in batch])
-                lengths = torch.tensor([len(prompts[i]) for i in batch], device=self.device)
+                ids, lengths = right_padded([prompts[i] for i in batch], self.device)
                 rows = self.model.generate(ids, max_gen_toks, lengths=lengths, stop=[self.eot_token_id, self._stop_when(until)],
                                            generators=[generators[i] for i in batch] if sampling["temperature"] > 0 else None,
                                            **sampling)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmst_bench.arch import IGNORE_INDEX
+from hmst_bench.generation import right_padded
+from hmst_bench.model import per_group
 from hmst_bench.modeling import Attention, RMSNorm, SoftmaxLM, SwiGLU, new_caches, rope_at, rope_tables
 from hmst_bench_hmst.memory import DocMemory, LongTermMemory, MemoryModules, memory_extra_flops
 from hmst_bench_hmst.moe import MoE, RouterStats
@@ -176,22 +178,16 @@ class HMSTModel(SoftmaxLM):
                 owner.append(g)
                 first.append(len(context) - 1 - a)  # the tail column predicting c's first token
                 conts.append(list(c))
-        ids = torch.zeros((len(tails), max(map(len, tails))), dtype=torch.long)
-        for r, tail in enumerate(tails):
-            ids[r, : len(tail)] = torch.tensor(tail)
+        ids = right_padded(tails, device)[0]
         lo = min(first)
-        logits = self.forward_all(ids.to(device), slice(lo, ids.shape[1]), 0, None, mem.rows_for_reading(owner))[1]
+        logits = self.forward_all(ids, slice(lo, ids.shape[1]), 0, None, mem.rows_for_reading(owner))[1]
         logp = torch.log_softmax(logits.float(), dim=-1)
         flat = []
         for r, c in enumerate(conts):
             got = logp[r, first[r] - lo : first[r] - lo + len(c)]
             target = torch.tensor(c, device=got.device)
             flat.append((float(got.gather(-1, target[:, None]).sum()), bool((got.argmax(-1) == target).all())))
-        out, at = [], 0
-        for _, continuations in groups:
-            out.append(flat[at : at + len(continuations)])
-            at += len(continuations)
-        return out
+        return per_group(flat, groups)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
