@@ -59,6 +59,39 @@ def test_the_suite_fails_a_model_that_sees_the_future():
     assert findings["save/load round trip"].ok and findings["normalised"].ok
 
 
+class OnlyRequired(LanguageModel):
+    """A bigram LM with the three required methods and nothing else: every default (score,
+    score_continuations, cache-free batched generate, artifacts, accounting) is the base class's."""
+
+    max_seq_len = 16
+
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.head = torch.nn.Linear(8, vocab)
+
+    def _logprobs(self, input_ids):
+        return torch.log_softmax(self.head(self.embed(input_ids)).float(), dim=-1)
+
+    def loss(self, batch):
+        lp = self.token_logprobs(batch["input_ids"], batch["labels"])
+        return -lp.sum() / (batch["labels"] != -100).sum(), {}
+
+    def token_logprobs(self, input_ids, targets):
+        got = self._logprobs(input_ids).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        return got.masked_fill(targets == -100, 0.0)
+
+    def next_token_logprobs(self, input_ids, lengths=None):
+        last = (lengths - 1) if lengths is not None else torch.full((len(input_ids),), input_ids.shape[1] - 1)
+        return self._logprobs(input_ids[torch.arange(len(input_ids)), last][:, None])[:, 0]
+
+
+def test_the_base_class_defaults_meet_the_contract():
+    findings = run_checks(Subject(build=OnlyRequired, vocab=11, dtype=torch.float64))
+    failed = [f.line() for f in findings if not f.ok]
+    assert not failed and len(findings) == 13, "\n".join(failed)
+
+
 class V1Model(torch.nn.Module):
     """A model written for contract v1: the methods, but not the base class."""
 
