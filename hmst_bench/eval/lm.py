@@ -13,9 +13,9 @@ reached through the model contract (`hmst_bench.LanguageModel`, v2):
 - loglikelihood: requests are deduplicated; a one-token continuation is read off
   `next_token_logprobs` of its context, so all the choices that share a context (A/B/C/D in
   MMLU) cost one row together, and contexts are batched (right-padded, with `lengths`); longer
-  continuations are scored in right-padded batches through `score`, sorted by length to keep
-  padding small, or, for a model that reads past its window (`max_context_len`), grouped by
-  context through `score_continuations`, so each context is read once;
+  continuations go to the model's `score_continuations`: in batches sorted by length to keep
+  padding small (the default answers each batch with one `score` call), or, for a model that
+  reads past its window (`max_context_len`), grouped by context, so each context is read once;
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of the model's context length;
 - generate_until: requests with equal generation arguments in batches through the model's
   batched `generate` (KV cache where it has one), with lm-eval's stop strings checked on each
