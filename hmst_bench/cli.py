@@ -588,9 +588,12 @@ def data_list(as_json: bool) -> None:
               help="Code suites: wall-clock seconds per program in the sandbox.")
 @click.option("--workers", type=click.IntRange(min=1), help="Code suites: sandboxed programs at once [default: CPU cores, at most 8].")
 @click.option("--allow-unsandboxed", is_flag=True, help="Code suites: without bubblewrap, run with rlimits and seccomp only (recorded).")
+@click.option("--verify", is_flag=True, help="factqa: withhold answers the model's critic scores above its threshold "
+              "(chosen on the critic's validation split); reports rates with and without.")
+@click.option("--verify-threshold", type=float, help="With --verify: this critic-score threshold (0..1) instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics and provenance as JSON to stdout.")
 def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_cache, out_dir, samples, temperature,
-             top_p, ks, max_gen_toks, timeout, workers, allow_unsandboxed, as_json) -> None:
+             top_p, ks, max_gen_toks, timeout, workers, allow_unsandboxed, verify, verify_threshold, as_json) -> None:
     """Evaluate a run on standard suites through lm-evaluation-harness; writes RUN/eval/<suite>.json.
 
     Benchmark data comes from the local store (`hmst-bench data import NAME PATH`); answers are
@@ -608,6 +611,10 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
     for name, value, low in (("--limit", limit, 1), ("--num-fewshot", num_fewshot, 0), ("--batch-size", batch_size, 1)):
         if value is not None and value < low:
             raise click.ClickException(f"{name} must be at least {low}, got {value}")
+    if verify_threshold is not None and not 0 <= verify_threshold <= 1:
+        raise click.ClickException(f"--verify-threshold must be in [0, 1], got {verify_threshold}")
+    if verify_threshold is not None and not verify:
+        raise click.ClickException("--verify-threshold sets verification's threshold; add --verify")
     names = [n.strip() for n in suites.split(",") if n.strip()]
     done, specs = [], {}
 
@@ -629,7 +636,7 @@ def eval_cmd(run_dir, suites, limit, num_fewshot, batch_size, seed, device, no_c
         with err.status(f"evaluating {', '.join(s.name for s in chosen)} on {run_dir}", spinner="dots"):
             evaluate(run_dir, chosen, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
                      device=device, use_cache=not no_cache, on_suite=report, progress=False, code=code,
-                     out_dir=out_dir, notice=notice)
+                     out_dir=out_dir, notice=notice, verify=verify, verify_threshold=verify_threshold)
     except (EvalError, StoreError, RunError, CodeEvalError) as exc:
         if as_json and done:  # the suites finished before the failure are still reported
             _emit_json(done)

@@ -21,6 +21,8 @@ Declared capabilities:
     kv_cache_pads          (with kv_cache) True: its prefill takes left-padded rows; False: the
                            shared generation batches only prompts of equal length
     hallucination_detector True: `hallucination_scores` is the model's own wrong-answer detector
+    hallucination_threshold (with the detector) the score above which it would withhold an answer,
+                           chosen on its own validation data, or None; `eval --verify` uses it
     extra_flops_covers     executed ops without a FLOP formula whose cost `extra_flops` counts
 
 Conventions: `input_ids` [B, T] hold real tokens; `token_logprobs`/`score` may see rows
@@ -49,6 +51,7 @@ class LanguageModel(torch.nn.Module, metaclass=abc.ABCMeta):
     kv_cache: bool = False
     kv_cache_pads: bool = True
     hallucination_detector: bool = False
+    hallucination_threshold: Optional[float] = None
     extra_flops_covers: tuple[str, ...] = ()
 
     @property

@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pluggy
 

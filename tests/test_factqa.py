@@ -201,8 +201,9 @@ def test_lm_eval_prompts():
     shots = "\n\n".join(f"Q: {r['question']}\nA: {r['target']}" for r in primer)
     for i, inst in enumerate(greedy.instances):
         prompt, gen = inst.arguments
-        assert prompt == f"{shots}\n\nQ: {test[i]['question']}\nA:"
+        assert prompt == f"{shots}\n\nQ: {test[i]['question']}\nA:" == h.prompt(test[i]["question"], primer)
         assert gen["until"] == ["\n", "."] and gen["do_sample"] is False and inst.repeats == 1
+        assert {k: gen[k] for k in h.GREEDY_GENERATION} == h.GREEDY_GENERATION  # what the critic stage answers with
     assert "Q: In what year was Moullu Triambreil born?\nA: I don't know." in shots
     inst = sampled.instances[0]
     assert inst.arguments[0] == greedy.instances[0].arguments[0]
@@ -290,14 +291,54 @@ def test_postprocess_detector_hook():
     prompts, answers = model.calls[0]
     assert prompts == ["prompt 0", "prompt 1", "prompt 2", "prompt 3", "prompt 5"]
     assert answers == ["Kelvar.", "Kelvar.", "Drossia.", "Drossia.", "1723."]
-    # right {0.1, 0.9}, wrong {0.3, 0.2, 0.5}: wins over 0.1 three, over 0.9 none -> 3/6
-    assert out["detector"] == {"method": "hallucination_scores", "auroc": 0.5, "n": 5, "n_wrong": 3}
+    # right {0.1, 0.9}, wrong {0.3, 0.2, 0.5}: wins over 0.1 three, over 0.9 none -> 3/6.
+    # Risk-coverage, keeping the lowest scores first: 0.1 right, 0.2 wrong, 0.3 wrong, 0.5 wrong,
+    # 0.9 right -> risks 0, 1/2, 2/3, 3/4, 3/5; a perfect ranking keeps both right ones first.
+    assert out["detector"] == {"method": "hallucination_scores", "auroc": 0.5, "n": 5, "n_wrong": 3,
+                               "aurc": pytest.approx((0 + 1 / 2 + 2 / 3 + 3 / 4 + 3 / 5) / 5),
+                               "aurc_optimal": pytest.approx((0 + 0 + 1 / 3 + 2 / 4 + 3 / 5) / 5)}
+    assert "verification" not in out  # off unless the provenance says otherwise
     rows = h.summary_rows({**_record(ROWS), "hallucination": out})
-    assert rows[-1]["metric"] == "detector_auroc" and rows[-1]["value"] == 0.5
+    assert [(r["metric"], r["value"]) for r in rows[-2:]] == [("detector_auroc", 0.5), ("detector_aurc", out["detector"]["aurc"])]
     broken = h.postprocess(_record(ROWS), FakeLM(FakeModel([0.1])), None)
     assert broken["detector"]["auroc"] is None and "1 scores for 5 answers" in broken["detector"]["error"]
     nan = h.postprocess(_record(ROWS), FakeLM(FakeModel([0.1, math.nan, 0.3, 0.2, 0.5])), None)
     assert "finite" in nan["detector"]["error"]
+
+
+def test_auroc_of_the_true_label_is_one_and_of_a_constant_one_half():
+    """The metric path, not a model: a detector that returns the label itself ranks perfectly."""
+    wrong = [False, False, True, True, True]  # the five answered questions of ROWS
+    perfect = h.postprocess(_record(ROWS), FakeLM(FakeModel([float(w) for w in wrong])), None)["detector"]
+    assert perfect["auroc"] == 1.0 and perfect["aurc"] == pytest.approx(perfect["aurc_optimal"])
+    assert h.postprocess(_record(ROWS), FakeLM(FakeModel([0.3] * 5)), None)["detector"]["auroc"] == 0.5
+
+
+def test_verification_withholds_only_what_the_detector_rejects():
+    scores = [0.1, 0.9, 0.3, 0.2, 0.5]  # right, right, wrong, wrong, unseen (wrong); ROWS[4] abstained
+    record = {**_record(ROWS), "provenance": {"verification": {"threshold": 0.25, "chosen_on": "test"}}}
+    out = h.postprocess(record, FakeLM(FakeModel(scores)), None)
+    v = out["verification"]
+    before = [q["outcome"] for q in out["per_question"]]
+    after = [q["verified_outcome"] for q in out["per_question"]]
+    # 0.9, 0.3 and 0.5 exceed 0.25: withheld; 0.1 and 0.2 are accepted and stay as they were
+    assert after == ["correct", "abstained", "abstained", "hallucinated", "abstained", "abstained"]
+    for q in out["per_question"]:
+        if q["outcome"] == "abstained" or q["detector_score"] <= 0.25:
+            assert q["verified_outcome"] == q["outcome"]
+    assert (v["threshold"], v["chosen_on"], v["withheld"], v["withheld_correct"]) == (0.25, "test", 3, 1)
+    assert v["without"] == h.rates(before, [True] * 5 + [False])
+    assert v["with"]["acc"] == pytest.approx(1 / 6) and v["with"]["hallucination"] == pytest.approx(1 / 6)
+    assert v["with"]["abstention"] == pytest.approx(4 / 6) and v["with"]["abstention_unseen"] == 1.0
+    assert v["without"]["acc_seen"] == pytest.approx(2 / 5) and v["without"]["hallucination_unseen"] == 1.0
+    rows = {r["metric"]: r["value"] for r in h.summary_rows({**record, "hallucination": out})}
+    assert (rows["verified_acc"], rows["verified_abstention"]) == (v["with"]["acc"], v["with"]["abstention"])
+    samples = record["samples"]["factqa"]  # per-question metrics, for paired comparisons
+    assert [s["verified_abstention"] for s in samples] == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    assert all({"verified_acc", "verified_hallucination", "verified_abstention"} <= set(s["metrics"]) for s in samples)
+    keep_all = {**_record(ROWS), "provenance": {"verification": {"threshold": 1.0, "chosen_on": "test"}}}
+    same = h.postprocess(keep_all, FakeLM(FakeModel(scores)), None)["verification"]
+    assert same["withheld"] == 0 and same["with"] == same["without"]
 
 
 def test_postprocess_undefined_auroc_and_other_suites():

@@ -269,18 +269,68 @@ def documents(seed: int = SEED, size: FactsSpec = FactsSpec()) -> list[tuple[str
 def questions(seed: int = SEED, size: FactsSpec = FactsSpec()) -> list[dict]:
     """Held-out closed-book questions about seen and unseen entities, with reference answers."""
     kb = knowledge_base(seed, size)
+    return [q for p in kb.people for q in _person_questions(p)] + [q for c in kb.cities for q in _city_questions(c)]
+
+
+def _person_questions(p: Person) -> list[dict]:
+    return [{"id": f"{p.id}:{key}", "entity": p.name, "seen": p.seen, "question": question, "answer": answer}
+            for key, question, answer in (
+                ("birth_year", f"In what year was {p.name} born?", str(p.birth_year)),
+                ("birthplace", f"In which city was {p.name} born?", p.birthplace),
+                ("occupation", f"What was {p.name}'s occupation?", p.occupation))]
+
+
+def _city_questions(c: City) -> list[dict]:
+    return [{"id": f"{c.id}:{key}", "entity": c.name, "seen": c.seen, "question": question, "answer": answer}
+            for key, question, answer in (
+                ("country", f"In which country is {c.name}?", c.country),
+                ("founded", f"In what year was {c.name} founded?", str(c.founded)))]
+
+
+def heldout_unseen(seed: int = SEED, size: FactsSpec = FactsSpec()) -> list[dict]:
+    """Questions about invented entities that are neither in the knowledge base nor in the corpus:
+    the unseen half of the critic's training data (HMST's `--stage critic`), so that the critic
+    never learns from factqa's own unseen test entities. As many people and cities as the corpus
+    answers questions about (`qa_entities`), at least 10 people and 2 cities; names are drawn
+    apart from every knowledge-base name, from a stream of their own (the knowledge base is
+    untouched). Same question forms and id scheme as `questions`, ids prefixed `heldout-`."""
+    kb = knowledge_base(seed, size)
+    answered = qa_entities(seed, size)
+    n_people = max(10, sum(p.id in answered for p in kb.people))
+    n_cities = max(2, sum(c.id in answered for c in kb.cities))
+    rng = random.Random(f"{seed}:heldout")
+    people_names = {p.name for p in kb.people}
+    taken = ({c.name for c in kb.cities} | set(kb.countries) | {c.river for c in kb.cities}
+             | {word for name in people_names for word in name.split()})  # every word is new
+    city_names = _unique_words(rng, n_cities, (2, 3), taken)
+    given = _unique_words(rng, max(40, n_people), (1, 2), taken)
+    family = _unique_words(rng, max(80, n_people), (2, 3), taken)
+    names: list[str] = []
+    while len(names) < n_people:
+        name = f"{rng.choice(given)} {rng.choice(family)}"
+        if name not in names:
+            names.append(name)
+    seen_cities = [c.name for c in kb.cities if c.seen]
+    people = [Person(f"heldout-person-{i:04d}", name, rng.randint(1650, 1990), rng.choice(seen_cities),
+                     rng.choice(_OCCUPATIONS), "", False) for i, name in enumerate(names)]
+    cities = [City(f"heldout-city-{i:04d}", name, rng.choice(kb.countries), rng.randint(800, 1850), "", False)
+              for i, name in enumerate(city_names)]
+    return [q for p in people for q in _person_questions(p)] + [q for c in cities for q in _city_questions(c)]
+
+
+CRITIC_VALIDATION = 0.2  # share of the critic's entities held out to validate it and pick its threshold
+
+
+def critic_questions(seed: int = SEED, size: FactsSpec = FactsSpec()) -> list[dict]:
+    """The critic's data (HMST `--stage critic`): every question about the `qa_entities` (seen;
+    the corpus answers them, so they are training-split questions that factqa never asks) and
+    every `heldout_unseen` question, each with `split` "train" or "validation", decided per
+    entity by its own seeded draw (`CRITIC_VALIDATION` of them validate)."""
+    answered = qa_entities(seed, size)
+    seen = [q for q in questions(seed, size) if q["id"].split(":")[0] in answered]
     out = []
-    for p in kb.people:
-        for key, question, answer in (
-            ("birth_year", f"In what year was {p.name} born?", str(p.birth_year)),
-            ("birthplace", f"In which city was {p.name} born?", p.birthplace),
-            ("occupation", f"What was {p.name}'s occupation?", p.occupation),
-        ):
-            out.append({"id": f"{p.id}:{key}", "entity": p.name, "seen": p.seen, "question": question, "answer": answer})
-    for c in kb.cities:
-        for key, question, answer in (
-            ("country", f"In which country is {c.name}?", c.country),
-            ("founded", f"In what year was {c.name} founded?", str(c.founded)),
-        ):
-            out.append({"id": f"{c.id}:{key}", "entity": c.name, "seen": c.seen, "question": question, "answer": answer})
+    for q in seen + heldout_unseen(seed, size):
+        entity = q["id"].split(":")[0]
+        held = random.Random(f"{seed}:critic-split:{entity}").random() < CRITIC_VALIDATION
+        out.append({**q, "split": "validation" if held else "train"})
     return out

@@ -15,6 +15,9 @@ Pieces, in the order lm-eval and the runner use them:
   samples and, when the model declares `hallucination_detector` (contract v2), by its
   `hallucination_scores(prompts, answers)`, and reports the AUROC of each for predicting that a
   (non-abstaining) greedy answer is wrong.
+- `verify`: with verification on (`eval --verify`, recorded as the provenance's `verification`),
+  answers whose detector score exceeds the threshold become abstentions; factqa then reports its
+  rates with and without verification, and the detector's risk-coverage AURC.
 - `summary_rows`: those corpus-level numbers as rows of the eval table (`runner.summary_rows`'s
   format).
 
@@ -53,6 +56,12 @@ PRIMER_PLAN = (
 )
 
 OUTCOMES = ("correct", "abstained", "hallucinated")
+# the factqa sample metrics verification adds: 1 when the verified outcome is this one
+VERIFIED = {"verified_acc": "correct", "verified_hallucination": "hallucinated", "verified_abstention": "abstained"}
+
+# factqa's greedy generation arguments (suites/factqa/factqa.yaml; a test keeps the two equal), for
+# code that answers factqa-style questions outside lm-eval (HMST's critic stage)
+GREEDY_GENERATION = {"until": ["\n", "."], "do_sample": False, "temperature": 0.0, "max_gen_toks": 24}
 
 
 # ----------------------------------------------------------------------------- matching
@@ -222,16 +231,29 @@ def documents(seed: int | None = None, size: Any = None) -> tuple[list[dict], li
     size = size or _knowledge or facts.FactsSpec()
     kb = facts.knowledge_base(seed, size)
     by_id = {q["id"]: q for q in facts.questions(seed, size)}
-    used: set[str] = set(facts.qa_entities(seed, size))  # answered in the corpus: never asked
-    primer = []
+    answered = facts.qa_entities(seed, size)  # answered in the corpus: never asked
+    used: set[str] = set(answered)
+    primer, taken = [], set()
     for kind, seen, question in PRIMER_PLAN:
-        pool = kb.people if kind == "person" else kb.cities
-        entity = next(e for e in pool if e.seen == seen and e.id not in used)
+        pool = [e for e in (kb.people if kind == "person" else kb.cities) if e.seen == seen and e.id not in taken]
+        # an entity factqa could ask about; in a knowledge base too small for that, one the corpus answers
+        entity = next((e for e in pool if e.id not in used), None) or next((e for e in pool if e.id in answered), None)
+        if entity is None:
+            raise ValueError(f"{size.text} has too few {'seen' if seen else 'unseen'} {kind}s for factqa's primer; "
+                             "use a larger entities=N")
         used.add(entity.id)
+        taken.add(entity.id)
         primer.append(_row(by_id[f"{entity.id}:{question}"]))
     test = [_row(q) for q in by_id.values() if _entity_id(q) not in used]
     random.Random(f"factqa:{seed}").shuffle(test)
     return test, primer
+
+
+def prompt(question: str, primer: Sequence[dict]) -> str:
+    """The factqa prompt lm-eval builds for `question` (suites/factqa: the primer rows as
+    "Q: ...\nA: <target>" joined by blank lines, then the question); a test keeps them equal."""
+    shots = "\n\n".join(f"Q: {row['question']}\nA: {row['target']}" for row in primer)
+    return f"{shots}\n\nQ: {question}\nA:"
 
 
 def lm_eval_dataset(facts_seed: int | None = None, **_ignored) -> Any:
@@ -334,10 +356,60 @@ def postprocess(record: dict, lm: Any, out_dir: Any = None) -> dict:
             for (_, _, r), score in zip(answered, scores):
                 r["detector_score"] = score
             detector.update(_scored(scores, wrong))
+            detector.update(_risk_coverage(scores, wrong))
         out["detector"] = detector
+    settings = (record.get("provenance") or {}).get("verification")
+    if settings and "error" not in out.get("detector", {}):
+        out["verification"] = verify([r for _, _, r in questions], settings)
+        for sample, _, r in questions:  # per-question metrics, so comparisons can pair them by item
+            for key, outcome in VERIFIED.items():
+                sample[key] = float(r["verified_outcome"] == outcome)
+            sample["metrics"] = list(sample.get("metrics") or []) + [k for k in VERIFIED if k not in (sample.get("metrics") or [])]
 
     out["per_question"] = [r for _, _, r in questions]
     return out
+
+
+def _risk_coverage(scores: Sequence[float], wrong: Sequence[bool]) -> dict:
+    """AURC of the detector (answers kept from the lowest score up; risk = share wrong among the
+    kept; calibration.aurc) and that of a perfect ranking, over the answered questions."""
+    if not wrong:
+        return {"aurc": None, "aurc_optimal": None}
+    from hmst_bench.eval.calibration import aurc, aurc_optimal
+
+    correct = [0.0 if w else 1.0 for w in wrong]
+    return {"aurc": aurc([-s for s in scores], correct), "aurc_optimal": aurc_optimal(correct)}
+
+
+def rates(outcomes: Sequence[str], seen: Sequence[bool]) -> dict[str, float]:
+    """The factqa rates of a list of outcomes (`question_metrics`' keys, as means; a part with
+    no question is left out)."""
+    out: dict[str, float] = {}
+    for part, keep in (("", None), ("_seen", True), ("_unseen", False)):
+        chosen = [o for o, s in zip(outcomes, seen) if keep is None or s == keep]
+        if not chosen:
+            continue
+        for key, outcome in (("acc", "correct"), ("hallucination", "hallucinated"), ("abstention", "abstained")):
+            if key != "acc" or part != "_unseen":
+                out[key + part] = sum(o == outcome for o in chosen) / len(chosen)
+    return out
+
+
+def verify(rows: Sequence[dict], settings: dict) -> dict:
+    """Verification: every answer whose detector score exceeds settings["threshold"] is withheld
+    (becomes the abstention); answers the detector accepts, and abstentions, are unchanged.
+    A threshold of None (a model without a detector) withholds nothing, so such a model's verified
+    rates are its plain ones. Returns the settings, how many answers were withheld and the rates
+    without and with it; each row gets its `verified_outcome`."""
+    threshold = settings["threshold"]
+    for r in rows:
+        withheld = threshold is not None and r["outcome"] != "abstained" and r["detector_score"] > float(threshold)
+        r["verified_outcome"] = "abstained" if withheld else r["outcome"]
+    seen = [r["seen"] for r in rows]
+    return {**settings, "withheld": sum(r["verified_outcome"] != r["outcome"] for r in rows),
+            "withheld_correct": sum(r["verified_outcome"] != r["outcome"] and r["outcome"] == "correct" for r in rows),
+            "without": rates([r["outcome"] for r in rows], seen),
+            "with": rates([r["verified_outcome"] for r in rows], seen)}
 
 
 def summary_rows(record: dict) -> list[dict]:
@@ -360,4 +432,9 @@ def summary_rows(record: dict) -> list[dict]:
     detector = extra.get("detector")
     if detector:
         add("detector_auroc", detector.get("auroc"), detector.get("n"))
+        add("detector_aurc", detector.get("aurc"), detector.get("n"))
+    verification = extra.get("verification")
+    if verification:
+        for key in ("acc", "hallucination", "abstention"):
+            add(f"verified_{key}", verification["with"].get(key), extra.get("questions"))
     return rows

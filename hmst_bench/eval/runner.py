@@ -187,13 +187,18 @@ def evaluate(
     code: Optional[CodeOptions] = None,
     out_dir: Optional[Path] = None,
     notice: Optional[Callable[[Output], None]] = None,
+    verify: bool = False,
+    verify_threshold: Optional[float] = None,
 ) -> list[dict]:
     """Evaluate every suite; returns the records written to RUN/eval/<suite>.json (or out_dir).
 
     on_suite(record, file) is called as each suite ends; file is None when it was not saved.
     notice(output) is called once, before any work, when results or cache cannot be written
     (default: an EvalWarning). A result file that fails to write after all (a full disk) does not
-    stop the other suites; EvalError names it once every suite is done and reported."""
+    stop the other suites; EvalError names it once every suite is done and reported.
+    verify: factqa withholds answers the model's hallucination detector scores above
+    `verify_threshold` (default: the model's own `hallucination_threshold`), recorded in the
+    provenance as `verification`."""
     import lm_eval
     import torch
 
@@ -221,6 +226,7 @@ def evaluate(
             notice(output)
         else:
             warnings.warn(output.message, EvalWarning, stacklevel=2)
+    verification = _verification(run.model, verify, verify_threshold)
     seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4
     corpus = run.info.get("corpus_spec")
     facts_size = facts.FactsSpec.parse(corpus) if facts.is_facts(corpus) else facts.FactsSpec()
@@ -298,6 +304,7 @@ def evaluate(
                 "batch_size": lm.batch_size,
                 "device": str(lm.device),
                 "facts_corpus": facts_size.text,  # the knowledge base factqa asks about
+                "verification": verification,
                 "window": lm.max_length,  # the model's attention window
                 "context": lm.max_context,  # tokens of context it reads (more than the window through a memory)
                 "requests": {"total": requests, "computed": sum(computed.values()),
@@ -325,6 +332,26 @@ def evaluate(
                         + "; every suite was evaluated and reported, but these results are not saved: "
                         "free space, or evaluate again with --out DIR")
     return records
+
+
+def _verification(model: Any, verify: bool, threshold: Optional[float]) -> Optional[dict]:
+    """The `verification` provenance entry: None when off, else the threshold and where it came
+    from; a model without a hallucination detector keeps every answer (threshold None), so that
+    an experiment can compare its rates with a verified model's."""
+    if not verify:
+        if threshold is not None:
+            raise EvalError("a verification threshold needs verification on (--verify)")
+        return None
+    if not model.hallucination_detector:  # nothing to verify with: every answer is kept (comparable rows)
+        return {"threshold": None, "chosen_on": "no hallucination detector: every answer kept"}
+    if threshold is not None:
+        if not 0 <= threshold <= 1:
+            raise EvalError(f"the verification threshold must be in [0, 1], got {threshold}")
+        return {"threshold": float(threshold), "chosen_on": "--verify-threshold"}
+    chosen = model.hallucination_threshold
+    if chosen is None:
+        raise EvalError("the model's detector has no threshold of its own; pass --verify-threshold T")
+    return {"threshold": float(chosen), "chosen_on": "the detector's validation split"}
 
 
 def _simple_evaluate(lm_eval, lm, tasks, gen_kwargs, num_fewshot, limit, cache, use_cache, manager, seeds, unsafe):

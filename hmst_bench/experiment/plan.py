@@ -231,6 +231,9 @@ def _eval_argv(out: Path, suite) -> list:
     argv = ["eval", "--run", str(out), "--suite", suite.name]
     for key, value in suite.options.items():
         flag = {"k": "--k"}.get(key, f"--{key.replace('_', '-')}")
+        if isinstance(value, bool):  # an on/off flag (verify)
+            argv += [flag] if value else []
+            continue
         argv += [flag, ",".join(str(v) for v in value) if isinstance(value, list) else str(value)]
     return argv
 
@@ -283,6 +286,8 @@ def _eval_done(path: Path, suite, digest: Optional[str]) -> bool:
         return False
     opts = suite.options
     if prov.get("limit") != opts.get("limit") or prov.get("num_fewshot") != opts.get("num_fewshot"):
+        return False
+    if bool(prov.get("verification")) != bool(opts.get("verify")):
         return False
     code = prov.get("code_execution") or {}
     return not ("samples" in opts and code.get("samples") != opts["samples"])

@@ -16,7 +16,7 @@ the file. The format (docs/experiments.md has the full reference):
     arch = "hmst"                      # optional: label, size, set = {field = value}, processes,
     stages = {"1" = 0.75, "2" = 0.25}  #   stages with each one's share of every budget
     [suites.longctx]                   # optional: limit, num_fewshot, samples, k, temperature,
-    limit = 20                         #   top_p, max_gen_toks, metrics (reported), optional
+    limit = 20                         #   top_p, max_gen_toks, verify (factqa), metrics (reported), optional
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 RECIPE_KEYS = {"batch_size": int, "grad_accum": int, "lr": float, "warmup": int, "mixed_precision": str}
 SUITE_KEYS = {"limit": int, "num_fewshot": int, "samples": int, "k": list, "temperature": float, "top_p": float,
-              "max_gen_toks": int, "metrics": list, "optional": bool, "timeout": float}
+              "max_gen_toks": int, "metrics": list, "optional": bool, "timeout": float, "verify": bool}
 TOP_KEYS = {"name", "description", "baseline", "corpus", "seq_len", "size", "budgets", "seeds", "vocab_size",
             "training", "archs", "suites", "slurm", "all_archs"}
 ARCH_KEYS = {"arch", "label", "size", "set", "stages", "processes"}

@@ -132,7 +132,7 @@ def suite_options(record: dict) -> dict:
     prov = record.get("provenance") or {}
     code = prov.get("code_execution") or {}
     return {"limit": prov.get("limit"), "num_fewshot": prov.get("num_fewshot"), "window": prov.get("window"),
-            "samples": code.get("samples"), "data": {k: (v or {}).get("sha256") for k, v in (prov.get("data") or {}).items()}}
+            "samples": code.get("samples"), "verify": bool(prov.get("verification")), "data": {k: (v or {}).get("sha256") for k, v in (prov.get("data") or {}).items()}}
 
 
 def item_rows(record: dict) -> list[dict]:
