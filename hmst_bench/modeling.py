@@ -145,6 +145,16 @@ class Attention(torch.nn.Module):
         y = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
+    def append_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict) -> None:
+        """Append the keys and values of x [B, t, d] to `cache` without attending: what an early
+        exit leaves in the layers it skips (CALM's propagation of the exited state upward)."""
+        b, t, d = x.shape
+        k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)[1:]
+        k = apply_rope(k, cos, sin)
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+
 
 class SwiGLU(torch.nn.Module):
     """Bias-free SwiGLU feed-forward, down(silu(gate) * up); weights left to the owner."""

@@ -11,6 +11,7 @@ uses the same pieces from here, so every architecture is charged, logged and che
     ctx.train_step(after_update) one optimiser step of the shared recipe (accumulation, clipping);
                                  after_update may update state and charge extra FLOPs
     ctx.optimizer_step()         clip, check finiteness, step optimiser and schedule
+    ctx.train_only(module)       freeze all but one part of the model (a stage that trains it alone)
     ctx.after_step(loss, aux)    count the step, log, validate and checkpoint when due
     ctx.should_stop              budget reached or SIGINT/SIGTERM received
     ctx.validate()               validation loss and bits-per-byte via the model's token_logprobs
@@ -157,6 +158,15 @@ class TrainContext:
             b = self.data.batch(r.seed, step, micro, rank, r.batch_size, r.seq_len, r.grad_accum, self.accelerator.num_processes)
             out.append({k: v.to(device) for k, v in b.items()})
         return out
+
+    def train_only(self, module: torch.nn.Module) -> None:
+        """Train `module`'s parameters alone (a stage that trains one part of the model, HMST's
+        critic): every other parameter is frozen and the optimiser is rebuilt over these. Call
+        it before `restore()`, so a resume loads the optimiser state into the same optimiser."""
+        keep = {id(p) for p in module.parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in keep)
+        self.optimizer = self.accelerator.prepare_optimizer(make_optimizer(self.model, self.recipe))
 
     # ------------------------------------------------------------------ planning and resume
 

@@ -76,11 +76,16 @@ class MemoryReader(nn.Module):
             buf = mem.buffer.to(q.dtype)  # [B, E, m]
             parts.append(torch.einsum("btm,bem->bte", q, buf) * scale)
             values.append(("episodic", buf))
+        best = None  # each query's best semantic hit, for the critic (DocMemory.hit_log)
         for sem in (mem.retrieve(q), mem.retrieve_longterm(q)):  # [B, t, k, m] or None
             if sem is not None:
                 sem = sem.to(q.dtype)
                 parts.append(torch.einsum("btm,btkm->btk", q, sem) * scale)
                 values.append(("semantic", sem))
+                top = parts[-1].detach().float().amax(dim=-1)
+                best = top if best is None else torch.maximum(best, top)
+        if mem.hit_log is not None:
+            mem.hit_log.append(best)
         weights = torch.softmax(torch.cat(parts, dim=-1).float(), dim=-1).to(q.dtype)
         read, at = 0, 0
         for kind, v in values:
@@ -133,6 +138,7 @@ class DocMemory:
         self.segments = 0
         self.search_flops = 0  # FAISS distance FLOPs actually spent (what memory_extra_flops predicts)
         self.longterm_flops = 0  # FAISS distance FLOPs of the long-term store's searches
+        self.hit_log: Optional[list] = None  # a list: each read appends its best semantic hits [B, t] (or None)
         self.consolidated: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per write: ids [B, n], vectors [B, n, m], usage [B, n]
         self.shared_stores = False  # set by `rows_for_reading`: the stores may not be written
 

@@ -25,6 +25,9 @@ cache starts afresh. Its rows are not padded (segments are aligned from a row's 
 the shared generation batches only prompts of equal length (`kv_cache_pads = False`). With memory, every text (even one within the window) also
 reads the run's long-term store (`memory.LongTermMemory`, filled by stage 2 and saved with the run
 through `save_artifacts`). Without memory the model is the plain MoE LM above.
+
+With `config.critic` (the critic stage) the model carries a critic (`critic.py`) and declares
+`hallucination_detector`: `hallucination_scores` is the critic's P(wrong) of each answer.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from hmst_bench.arch import IGNORE_INDEX
 from hmst_bench.generation import right_padded
 from hmst_bench.model import per_group
 from hmst_bench.modeling import Attention, RMSNorm, SoftmaxLM, SwiGLU, new_caches, rope_at, rope_tables
+from hmst_bench_hmst.critic import Critic
 from hmst_bench_hmst.memory import DocMemory, LongTermMemory, MemoryModules, memory_extra_flops
 from hmst_bench_hmst.moe import MoE, RouterStats
 
@@ -99,16 +103,22 @@ class HMSTModel(SoftmaxLM):
         self.collect_consolidated = False
         self._pending: list = []
         self._pending_flops = 0
+        # the critic (critic.py), added by the critic stage (which trains it alone)
+        self.tokenizer = tokenizer
+        self.critic = Critic(config) if config.critic else None
+        self.hallucination_detector = config.critic
 
     # ------------------------------------------------------------------ one forward pass
 
     def forward_all(self, input_ids: torch.Tensor, keep: Optional[slice] = None, start: int = 0,
                     caches: Optional[list] = None, mem: Optional[DocMemory] = None,
-                    pad: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+                    pad: Optional[torch.Tensor] = None, exits: Optional[dict] = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
         """(final hidden states [B, T, d], logits [B, T or len(keep), V], routing stats per MoE
         layer) from one pass over input_ids, which sit at columns start .. start + T - 1 of the
         window (positions: columns less each row's left padding `pad`, when decoding a padded
-        batch); `mem`: the memory of earlier segments, read after block memory_layer."""
+        batch); `mem`: the memory of earlier segments, read after block memory_layer; `exits`: a
+        dict that receives the hidden state after each block of `config.exits` (by block count)."""
         cos, sin = rope_at(self.rope_cos, self.rope_sin, start, input_ids.shape[1], pad)
         h = self.embed(input_ids)
         stats = []
@@ -118,6 +128,8 @@ class HMSTModel(SoftmaxLM):
                 stats.append(s)
             if mem is not None and i == self.config.memory_layer and mem.readable:
                 h = h + self.memory.reader(h, mem)
+            if exits is not None and i + 1 in self.config.exits:
+                exits[i + 1] = h
         h = self.norm(h)
         return h, self.project(h if keep is None else h[:, keep]), stats
 
@@ -207,6 +219,7 @@ class HMSTModel(SoftmaxLM):
         """Next-token loss plus the routers' aux losses; a batch longer than the window (stage
         2's documents) is read in segments with memory, its loss the mean over all its tokens."""
         ids, labels = batch["input_ids"], batch["labels"]
+        exits = {} if self.config.early_exit_loss else None  # the exits' hidden states (no memory)
         if self.memory is not None:
             nats, stats = 0.0, []
             mem = self.new_memory(ids.shape[0])
@@ -220,18 +233,37 @@ class HMSTModel(SoftmaxLM):
                 self._pending.append(mem.consolidated_entries())
                 self._pending_flops += mem.longterm_flops
         else:
-            _, logits, stats = self.forward_all(ids)
+            _, logits, stats = self.forward_all(ids, exits=exits)
             lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         aux = {"lm_loss": lm.detach()}
         total = lm
+        if exits:
+            exit_loss, exit_aux = self._exit_loss(exits, labels)
+            total = total + self.config.early_exit_loss * exit_loss
+            aux.update(exit_aux)
         if stats:
             balance = torch.stack([s.balance_loss for s in stats]).mean()
             z = torch.stack([s.z_loss for s in stats]).mean()
-            total = lm + self.config.balance_coef * balance + self.config.z_loss_coef * z
+            total = total + self.config.balance_coef * balance + self.config.z_loss_coef * z
             load = torch.stack([s.load for s in stats]).mean(dim=0)
             aux.update(balance_loss=balance.detach(), z_loss=z.detach(), expert_load_max=load.max())
             aux.update({f"load_e{i}": f for i, f in enumerate(load)})
         return total, aux
+
+    def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """An exit's logits: the final norm and LM head over an earlier block's hidden states."""
+        return self.project(self.norm(h))
+
+    def _exit_loss(self, exits: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """LayerSkip's early-exit loss: the exits' cross-entropies, exit after block e weighted
+        e / n_layers (rising with depth), normalised by the weights' sum."""
+        weights = {e: e / self.config.n_layers for e in exits}
+        total, aux = 0.0, {}
+        for e, h in exits.items():
+            ce = F.cross_entropy(self.exit_logits(h).flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            total = total + weights[e] * ce
+            aux[f"exit{e}_loss"] = ce.detach()
+        return total / sum(weights.values()), aux
 
     def take_pending(self) -> tuple[list, int]:
         """What training reads consolidated since the last call (one item per loss call) and the
@@ -262,6 +294,26 @@ class HMSTModel(SoftmaxLM):
         idle = sum((m.n_experts - m.top_k) * m.params_per_expert() for m in self.modules() if isinstance(m, MoE))
         return total - idle
 
+    # ------------------------------------------------------------------ the critic
+
+    @property
+    def hallucination_threshold(self) -> Optional[float]:
+        """The critic's verification threshold, chosen on its validation split (None before)."""
+        if self.critic is None or not math.isfinite(float(self.critic.threshold)):
+            return None
+        return float(self.critic.threshold)
+
+    def hallucination_scores(self, prompts, answers) -> list[float]:
+        """The critic's P(wrong) for each (prompt text, answer text); the answer is read as the
+        continuation the model generated after the prompt (a space, then the answer)."""
+        from hmst_bench_hmst.critic import scores
+
+        if self.critic is None:
+            raise NotImplementedError("this HMST run has no critic; train it with --stage critic")
+        tok = self.tokenizer
+        return scores(self, [tok.encode(p, add_special_tokens=False) for p in prompts],
+                      [tok.encode(" " + a.strip(), add_special_tokens=False) if a.strip() else [] for a in answers])
+
     # ------------------------------------------------------------------ decoding
 
     def decode_step(self, new_tokens: torch.Tensor, state: Any, pad: Optional[torch.Tensor] = None,
@@ -273,11 +325,34 @@ class HMSTModel(SoftmaxLM):
                 raise ValueError("HMST with memory decodes unpadded rows only (kv_cache_pads is False)")
             return self._memory_step(new_tokens, state)
         if state is None:
-            state = {"caches": new_caches(len(self.layers), pad), "col": 0, "pad": pad}
+            state = {"caches": new_caches(len(self.layers), pad), "col": 0, "pad": pad, "exited_at": []}
         t = new_tokens.shape[1]
-        logits = self.forward_all(new_tokens, slice(t - 1, t), state["col"], state["caches"], pad=state["pad"])[1]
-        state = {**state, "col": state["col"] + t}
+        if t == 1 and self.config.exit_margin > 0:
+            logits, depth = self._step_with_exits(new_tokens, state)
+        else:
+            logits, depth = self.forward_all(new_tokens, slice(t - 1, t), state["col"], state["caches"], pad=state["pad"])[1], None
+        state = {**state, "col": state["col"] + t,
+                 "exited_at": state["exited_at"] + ([depth or len(self.layers)] if t == 1 else [])}
         return torch.log_softmax(logits[:, -1].float(), dim=-1), state
+
+    def _step_with_exits(self, token: torch.Tensor, state: dict) -> tuple[torch.Tensor, Optional[int]]:
+        """One cached decoding step under the exit rule (CALM): after each exit block the shared
+        head scores the token; once every row's top-1 minus top-2 probability reaches
+        `exit_margin`, the step ends there and each skipped layer's cache gets keys and values
+        computed from the exited hidden state (`Attention.append_kv`), so later tokens attend to
+        a state at every layer. Returns (logits [B, 1, V], the exit's block count or None)."""
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, state["col"], 1, state["pad"])
+        h = self.embed(token)
+        for i, layer in enumerate(self.layers):
+            h, _ = layer(h, cos, sin, state["caches"][i])
+            if i + 1 in self.config.exits:
+                logits = self.exit_logits(h)
+                top = torch.softmax(logits[:, -1].float(), dim=-1).topk(2, dim=-1).values
+                if bool(((top[:, 0] - top[:, 1]) >= self.config.exit_margin).all()):
+                    for j in range(i + 1, len(self.layers)):
+                        self.layers[j].attn.append_kv(self.layers[j].attn_norm(h), cos, sin, state["caches"][j])
+                    return logits, i + 1
+        return self.project(self.norm(h)), None
 
     def _memory_step(self, tokens: torch.Tensor, state: Optional[dict]) -> tuple[torch.Tensor, dict]:
         """Decoding with memory: the current segment's KV cache; a full segment is written to

@@ -3,8 +3,9 @@ and ArchSpec.
 
 Stage 1 trains the MoE base language model (`model.HMSTModel`, memory off) with the shared loop.
 Stage 2 (`--stage 2 --out R`, continuing stage 1 in R) turns the memory on (`stage_config`) and
-trains it on documents longer than the window (`stage2.py`). The meta-controller and critic are
-not built yet.
+trains it on documents longer than the window (`stage2.py`). Stage critic (`--stage critic --out
+R`, after stage 1 or 2) adds the critic and trains it alone on the model's own answers
+(`stage_critic.py`). The meta-controller is not built yet.
 
 Imports neither torch nor faiss, so loading it costs nothing at CLI start-up."""
 
@@ -48,6 +49,14 @@ class HMSTConfig:
     memory_segments: int = 4  # stage 2: training documents of this many windows
     recall_fraction: float = 0.5  # stage 2: share of synthetic recall documents (the rest stdlib-code files)
     longterm_capacity: int = 1_000_000  # entries of the run's long-term store (memory.LongTermMemory); 0: none
+    # the critic (critic.py): built by the critic stage, which trains it alone on the base's answers
+    critic: bool = False
+    critic_epochs: int = 100  # critic stage: passes over its training answers (fewer if the budget ends first)
+    # early exit (CALM, LayerSkip; model.py): exits after these blocks (comma-separated counts,
+    # e.g. "1,2"), each reading the final norm and LM head; without memory only
+    exit_layers: str = ""
+    early_exit_loss: float = 0.0  # weight of the exits' loss in training (weights rising with depth); 0: off
+    exit_margin: float = 0.0  # decoding: a token exits once top-1 minus top-2 probability >= this (0: off)
     # derived, never set by hand
     head_dim: int = field(init=False)
     expert_d_ff: int = field(init=False)
@@ -55,6 +64,7 @@ class HMSTConfig:
     memory_dim: int = field(init=False)  # entries, queries and the semantic store: d_model / 2
     memory_layer: int = field(init=False)  # the memory is read after this block: n_layers // 2
     episodic_capacity: int = field(init=False)  # episodic_slots, or one window's entries when it is 0
+    exits: list = field(init=False)  # exit_layers as sorted ints (a list, as run.json stores it)
 
     def __post_init__(self) -> None:
         require_positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_experts", "top_k",
@@ -83,6 +93,9 @@ class HMSTConfig:
             raise ConfigError(f"longterm_capacity must be an integer >= 0, got {self.longterm_capacity!r}")
         if isinstance(self.episodic_slots, bool) or not isinstance(self.episodic_slots, int) or self.episodic_slots < 0:
             raise ConfigError(f"episodic_slots must be an integer >= 0 (0: one window's entries), got {self.episodic_slots!r}")
+        if not isinstance(self.critic, bool):
+            raise ConfigError(f"critic must be true or false, got {self.critic!r}")
+        require_positive(self, "critic_epochs")
         if not isinstance(self.memory, bool):
             raise ConfigError(f"memory must be true or false, got {self.memory!r}")
         if self.memory and self.max_seq_len % self.memory_chunk:
@@ -90,12 +103,32 @@ class HMSTConfig:
                               f"set memory_chunk to a divisor of --seq-len")
         if self.memory_segments < 2:
             raise ConfigError(f"memory_segments ({self.memory_segments}) must be at least 2: stage 2 documents are longer than the window")
+        self.exits = self._exits()
         self.head_dim = self.d_model // self.n_heads
         self.memory_dim = max(1, self.d_model // 2)
         self.memory_layer = min(self.n_layers - 1, self.n_layers // 2)
         self.episodic_capacity = self.episodic_slots or max(1, self.max_seq_len // self.memory_chunk)
         self.expert_d_ff = swiglu_width(self.d_model, self.ffn_multiple_of)
         self.n_moe_layers = self.n_layers // self.moe_every
+
+    def _exits(self) -> list:
+        text = str(self.exit_layers).strip()
+        try:
+            exits = sorted({int(part) for part in text.split(",") if part.strip()})
+        except ValueError:
+            raise ConfigError(f"exit_layers must be comma-separated block counts such as 1,2; got {self.exit_layers!r}") from None
+        bad = [e for e in exits if not 1 <= e < self.n_layers]
+        if bad:
+            raise ConfigError(f"exit_layers: {bad[0]} is not a block to exit after; choose among 1..{self.n_layers - 1}")
+        for name in ("early_exit_loss", "exit_margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name == "exit_margin" and value > 1):
+                raise ConfigError(f"{name} must be a number {'in [0, 1]' if name == 'exit_margin' else '>= 0'}, got {value!r}")
+        if (self.early_exit_loss or self.exit_margin) and not exits:
+            raise ConfigError("early_exit_loss and exit_margin need exits: set exit_layers, e.g. exit_layers=1,2")
+        if exits and self.memory:
+            raise ConfigError("early exit is built for HMST without memory; drop exit_layers for stage 2")
+        return exits
 
 
 # dense-llama's shapes, so hmst and dense-llama of a size share tokenizer and window
@@ -109,28 +142,35 @@ def build(config: HMSTConfig, tokenizer):
 
 
 def run_stage(ctx) -> None:
-    """Stage 1: the shared loop on the run's corpus. Stage 2: the memory on long documents."""
+    """Stage 1: the shared loop on the run's corpus. Stage 2: the memory on long documents.
+    Stage critic: the critic on the model's own answers (stage_critic.py)."""
     from hmst_bench.train.loop import shared_loop
 
     if ctx.stage == "2":
         from hmst_bench_hmst.stage2 import run
 
         return run(ctx)
+    if ctx.stage == "critic":
+        from hmst_bench_hmst.stage_critic import run
+
+        return run(ctx)
     return shared_loop(ctx)
 
 
 def stage_config(stage: str) -> dict:
-    return {"memory": True} if stage == "2" else {}
+    """What a stage changes when it starts from the earlier one: stage 2 turns the memory on; the
+    critic stage adds the critic (after stage 1 or 2, memory as it was)."""
+    return {"2": {"memory": True}, "critic": {"critic": True}}.get(stage, {})
 
 
 HMST = ArchSpec(
     name="hmst",
-    description="HMST: causal MoE transformer (stage 1) with episodic SSM and semantic FAISS memory (stage 2)",
+    description="HMST: causal MoE transformer (stage 1) with episodic SSM and semantic FAISS memory (stage 2) and a critic (stage critic)",
     config_cls=HMSTConfig,
     sizes=SIZES,
     build=build,
     stage_runner=run_stage,
-    stages=("1", "2"),
+    stages=("1", "2", "critic"),
     stage_config=stage_config,
 )
 

@@ -1,0 +1,135 @@
+"""HMST's critic: a small model of its own that scores how likely an answer is wrong, from what
+the base model computed while reading the prompt and the answer.
+
+Features of one (prompt, answer), all from one pass of the base over prompt + answer (`features`):
+
+- the final hidden states of the positions that produced the answer's tokens (the prompt's last
+  token, then every answer token but the last), mean-pooled. Under the causal mask each of them
+  has read only the prompt and the answer so far; padding is never pooled. (Position 0, or the
+  prompt's first token, would summarise nothing about the answer.)
+- the answer tokens' log-probabilities: mean, minimum and first; the mean entropy of those
+  next-token distributions; log(1 + answer length in tokens);
+- with memory on: whether the semantic memory returned anything, and the mean and maximum over
+  those positions of the best hit's similarity (the reader's scaled query-entry inner product,
+  `DocMemory.hit_log`); zeros without memory, so the input width is the same either way.
+
+The pass is the evaluator's: `hallucination_scores` receives text, so the answer is read again
+(one pass over prompt + answer; for a causal model its hidden states are the ones the decoding
+pass produced, up to float rounding), and the critic stage reads its answers the same way.
+
+`Critic`: LayerNorm -> Linear(d + 8, d / 2) -> GELU -> Dropout(0.1) -> Linear(d / 2, 1); its
+sigmoid is P(the answer is wrong). Every width follows the base's d_model. Its `threshold`
+buffer (saved with the weights) is the score above which verification withholds an answer,
+chosen by the critic stage on its validation split (`choose_threshold`); NaN until then.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hmst_bench.generation import right_padded
+
+N_SCALARS = 8  # log-prob mean, min, first; mean entropy; log(1 + length); has hits; hit sim mean, max
+
+
+class Critic(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        width = max(8, config.d_model // 2)
+        self.net = nn.Sequential(nn.LayerNorm(config.d_model + N_SCALARS), nn.Linear(config.d_model + N_SCALARS, width),
+                                 nn.GELU(), nn.Dropout(0.1), nn.Linear(width, 1))
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B] logits of P(wrong)."""
+        return self.net(features).squeeze(-1)
+
+
+@torch.no_grad()
+def features(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[B, d + N_SCALARS] float32 critic inputs (see the module docstring) for token-id rows.
+    A row longer than the model's context keeps its last `context_len` tokens (the prompt is cut
+    on the left, as the evaluator cuts it)."""
+    rows, spans = [], []
+    for p, a in zip(prompts, answers):
+        p, a = list(p), list(a)[: model.context_len - 1]
+        p = p[-(model.context_len - len(a)):] if len(p) + len(a) > model.context_len else p
+        if not p:
+            raise ValueError("every prompt needs at least one token")
+        rows.append(p + a)
+        spans.append((len(p) - 1, max(1, len(a))))  # producing positions: len(p) - 1 .. + max(1, n) - 1
+    ids = right_padded(rows, model.embed.weight.device)[0]
+    hidden, logits, hits = _read(model, ids)
+    out = []
+    for b, ((start, n), row) in enumerate(zip(spans, rows)):
+        at = slice(start, start + n)
+        pooled = hidden[b, at].float().mean(dim=0)
+        answer = torch.tensor(row[start + 1 : start + 1 + n], device=ids.device)
+        logp = torch.log_softmax(logits[b, at].float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1).mean()
+        if len(answer):
+            lp = logp[: len(answer)].gather(-1, answer[:, None]).squeeze(-1)
+            stats = [lp.mean(), lp.min(), lp[0]]
+        else:  # an empty answer: the pass produced only the stop
+            stats = [torch.tensor(0.0, device=ids.device)] * 3
+        best = hits[b, at] if hits is not None else None
+        found = best is not None and bool(torch.isfinite(best).any())
+        mem = ([1.0, float(best[torch.isfinite(best)].mean()), float(best[torch.isfinite(best)].max())]
+               if found else [0.0, 0.0, 0.0])
+        scalars = torch.tensor([float(s) for s in stats] + [float(entropy), math.log1p(len(answer))] + mem,
+                               device=ids.device)
+        out.append(torch.cat([pooled, scalars]))
+    return torch.stack(out).float()
+
+
+def _read(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(hidden [B, T, d], logits [B, T, V], best semantic-hit similarity [B, T] or None) of one
+    pass; with memory, the text is read in segments as everywhere else (`HMSTModel.segments`)."""
+    if model.memory is None:
+        h, logits, _ = model.forward_all(ids)
+        return h, logits, None
+    mem = model.new_memory(ids.shape[0])
+    mem.hit_log = []
+    hs, ls, best = [], [], []
+    for _, h, logits, _ in model.segments(ids, mem=mem):
+        hs.append(h)
+        ls.append(logits)
+        seg = mem.hit_log.pop() if mem.hit_log else None
+        best.append(seg if seg is not None else torch.full(h.shape[:2], float("-inf"), device=h.device))
+        mem.hit_log.clear()
+    return torch.cat(hs, dim=1), torch.cat(ls, dim=1), torch.cat(best, dim=1)
+
+
+def scores(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], batch: int = 16) -> list[float]:
+    """P(wrong) for each (prompt, answer) token-id row."""
+    out: list[float] = []
+    for i in range(0, len(prompts), batch):
+        x = features(model, prompts[i : i + batch], answers[i : i + batch])
+        with torch.no_grad():
+            out += torch.sigmoid(model.critic(x).float()).tolist()
+    return out
+
+
+def bce(model, x: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """The critic's training loss: binary cross-entropy of its logits against `wrong` (0/1)."""
+    return F.binary_cross_entropy_with_logits(model.critic(x).float(), wrong.float())
+
+
+def choose_threshold(scores: Sequence[float], wrong: Sequence[bool]) -> float:
+    """The verification threshold for validation answers' critic `scores` (in (0, 1)): the value
+    that maximises (correct answers kept) - (wrong answers kept), an answer being kept when its
+    score is at most the threshold; among equally good thresholds, the highest (withhold least).
+    Candidates: 0 (withhold everything), each score, and 1 (keep everything)."""
+    pairs = sorted(zip(scores, wrong))
+    candidates = [(0, 0.0), (sum(-1 if w else 1 for w in wrong), 1.0)]
+    value = 0
+    for i, (s, w) in enumerate(pairs):  # keep the answers scoring at most s
+        value += -1 if w else 1
+        if i + 1 == len(pairs) or pairs[i + 1][0] != s:  # equal scores are kept or withheld together
+            candidates.append((value, float(s)))
+    return max(candidates)[1]
