@@ -67,17 +67,21 @@ class MemoryReader(nn.Module):
         nn.init.normal_(self.query.weight, std=init_std)
         nn.init.normal_(self.out.weight, std=init_std)
 
-    def forward(self, h: torch.Tensor, mem: "DocMemory") -> torch.Tensor:
-        """The residual update for h [B, t, d] from `mem` (which records the buffer's usage)."""
+    def forward(self, h: torch.Tensor, mem: "DocMemory", episodic: bool = True, semantic: bool = True) -> torch.Tensor:
+        """The residual update for h [B, t, d] from `mem` (which records the buffer's usage);
+        `episodic` / `semantic` False skip that tier's read (the meta-controller's gates); with
+        both skipped, or nothing to read, the update is 0 and nothing is computed."""
+        if not episodic and not semantic:
+            return torch.zeros_like(h)
         q = self.query(self.norm(h))  # [B, t, m]
         scale = 1.0 / math.sqrt(q.shape[-1])
         parts, values = [], []  # per group: attention logits [B, t, n] and entries
-        if mem.buffer is not None:
+        if mem.buffer is not None and episodic:
             buf = mem.buffer.to(q.dtype)  # [B, E, m]
             parts.append(torch.einsum("btm,bem->bte", q, buf) * scale)
             values.append(("episodic", buf))
         best = None  # each query's best semantic hit, for the critic (DocMemory.hit_log)
-        for sem in (mem.retrieve(q), mem.retrieve_longterm(q)):  # [B, t, k, m] or None
+        for sem in (mem.retrieve(q), mem.retrieve_longterm(q)) if semantic else ():  # [B, t, k, m] or None
             if sem is not None:
                 sem = sem.to(q.dtype)
                 parts.append(torch.einsum("btm,btkm->btk", q, sem) * scale)
@@ -86,6 +90,8 @@ class MemoryReader(nn.Module):
                 best = top if best is None else torch.maximum(best, top)
         if mem.hit_log is not None:
             mem.hit_log.append(best)
+        if not parts:
+            return torch.zeros_like(h)
         weights = torch.softmax(torch.cat(parts, dim=-1).float(), dim=-1).to(q.dtype)
         read, at = 0, 0
         for kind, v in values:

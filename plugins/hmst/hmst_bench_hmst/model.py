@@ -33,6 +33,7 @@ With `config.critic` (the critic stage) the model carries a critic (`critic.py`)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -65,12 +66,28 @@ class Block(nn.Module):
             nn.init.normal_(self.ffn.gate_up.weight, std=config.init_std)
             nn.init.normal_(self.ffn.down.weight, std=out_std)
 
-    def forward(self, h, cos, sin, cache=None) -> tuple[torch.Tensor, Optional[RouterStats]]:
+    def forward(self, h, cos, sin, cache=None, top_k: Optional[int] = None) -> tuple[torch.Tensor, Optional[RouterStats]]:
         h = h + self.attn(self.attn_norm(h), cos, sin, cache)
         if not self.use_moe:
             return h + self.ffn(self.ffn_norm(h)), None
-        y, stats = self.ffn(self.ffn_norm(h))
+        y, stats = self.ffn(self.ffn_norm(h), top_k)
         return h + y, stats
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What one decoding step computes (the meta-controller's decisions; the defaults are the full
+    model): `exit` ends the step after that many blocks (one of `config.exits`; None: all blocks),
+    `top_k` routes each MoE layer to that many experts (None: the layer's own), `episodic` and
+    `semantic` read those memory tiers (with memory on)."""
+
+    exit: Optional[int] = None
+    top_k: Optional[int] = None
+    episodic: bool = True
+    semantic: bool = True
+
+
+FULL = Gates()
 
 
 class HMSTModel(SoftmaxLM):
@@ -112,22 +129,23 @@ class HMSTModel(SoftmaxLM):
 
     def forward_all(self, input_ids: torch.Tensor, keep: Optional[slice] = None, start: int = 0,
                     caches: Optional[list] = None, mem: Optional[DocMemory] = None,
-                    pad: Optional[torch.Tensor] = None, exits: Optional[dict] = None,
+                    pad: Optional[torch.Tensor] = None, exits: Optional[dict] = None, gates: Gates = FULL,
                     ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
         """(final hidden states [B, T, d], logits [B, T or len(keep), V], routing stats per MoE
         layer) from one pass over input_ids, which sit at columns start .. start + T - 1 of the
         window (positions: columns less each row's left padding `pad`, when decoding a padded
         batch); `mem`: the memory of earlier segments, read after block memory_layer; `exits`: a
-        dict that receives the hidden state after each block of `config.exits` (by block count)."""
+        dict that receives the hidden state after each block of `config.exits` (by block count);
+        `gates`: the expert count and memory tiers of this pass (its `exit` is decode_step's)."""
         cos, sin = rope_at(self.rope_cos, self.rope_sin, start, input_ids.shape[1], pad)
         h = self.embed(input_ids)
         stats = []
         for i, layer in enumerate(self.layers):
-            h, s = layer(h, cos, sin, None if caches is None else caches[i])
+            h, s = layer(h, cos, sin, None if caches is None else caches[i], gates.top_k)
             if s is not None:
                 stats.append(s)
             if mem is not None and i == self.config.memory_layer and mem.readable:
-                h = h + self.memory.reader(h, mem)
+                h = h + self.memory.reader(h, mem, gates.episodic, gates.semantic)
             if exits is not None and i + 1 in self.config.exits:
                 exits[i + 1] = h
         h = self.norm(h)
@@ -319,7 +337,9 @@ class HMSTModel(SoftmaxLM):
     def decode_step(self, new_tokens: torch.Tensor, state: Any, pad: Optional[torch.Tensor] = None,
                     ) -> tuple[torch.Tensor, dict]:
         """Exact KV-cached step: each layer keeps the keys and values of the columns seen so far;
-        without memory, the prefill's left padding is masked and not counted as positions."""
+        without memory, the prefill's left padding is masked and not counted as positions.
+        A one-token step computes what `state["gates"]` (a `Gates`, set by the caller between
+        steps; default the full model) asks for."""
         if self.memory is not None:
             if pad is not None and bool(pad.any()):
                 raise ValueError("HMST with memory decodes unpadded rows only (kv_cache_pads is False)")
@@ -327,28 +347,33 @@ class HMSTModel(SoftmaxLM):
         if state is None:
             state = {"caches": new_caches(len(self.layers), pad), "col": 0, "pad": pad, "exited_at": []}
         t = new_tokens.shape[1]
-        if t == 1 and self.config.exit_margin > 0:
-            logits, depth = self._step_with_exits(new_tokens, state)
+        gates = state.get("gates", FULL)
+        if t == 1 and (self.config.exit_margin > 0 or gates != FULL):
+            logits, depth = self._step_with_exits(new_tokens, state, gates)
         else:
             logits, depth = self.forward_all(new_tokens, slice(t - 1, t), state["col"], state["caches"], pad=state["pad"])[1], None
         state = {**state, "col": state["col"] + t,
                  "exited_at": state["exited_at"] + ([depth or len(self.layers)] if t == 1 else [])}
         return torch.log_softmax(logits[:, -1].float(), dim=-1), state
 
-    def _step_with_exits(self, token: torch.Tensor, state: dict) -> tuple[torch.Tensor, Optional[int]]:
-        """One cached decoding step under the exit rule (CALM): after each exit block the shared
-        head scores the token; once every row's top-1 minus top-2 probability reaches
-        `exit_margin`, the step ends there and each skipped layer's cache gets keys and values
-        computed from the exited hidden state (`Attention.append_kv`), so later tokens attend to
-        a state at every layer. Returns (logits [B, 1, V], the exit's block count or None)."""
+    def _step_with_exits(self, token: torch.Tensor, state: dict, gates: Gates = FULL) -> tuple[torch.Tensor, Optional[int]]:
+        """One cached decoding step under the exit rule (CALM) or the gates: the step ends after
+        block `gates.exit` when it is set; otherwise, with `exit_margin` > 0, after each exit
+        block the shared head scores the token and once every row's top-1 minus top-2
+        probability reaches the margin the step ends there. Each skipped layer's cache gets keys
+        and values computed from the exited hidden state (`Attention.append_kv`), so later
+        tokens attend to a state at every layer. Returns (logits [B, 1, V], the exit's block
+        count or None)."""
+        if gates.exit is not None and gates.exit not in self.config.exits:
+            raise ValueError(f"exit gate {gates.exit} is not one of the model's exits {self.config.exits}")
         cos, sin = rope_at(self.rope_cos, self.rope_sin, state["col"], 1, state["pad"])
         h = self.embed(token)
         for i, layer in enumerate(self.layers):
-            h, _ = layer(h, cos, sin, state["caches"][i])
-            if i + 1 in self.config.exits:
+            h, _ = layer(h, cos, sin, state["caches"][i], gates.top_k)
+            if i + 1 == gates.exit or (gates.exit is None and self.config.exit_margin > 0 and i + 1 in self.config.exits):
                 logits = self.exit_logits(h)
                 top = torch.softmax(logits[:, -1].float(), dim=-1).topk(2, dim=-1).values
-                if bool(((top[:, 0] - top[:, 1]) >= self.config.exit_margin).all()):
+                if i + 1 == gates.exit or bool(((top[:, 0] - top[:, 1]) >= self.config.exit_margin).all()):
                     for j in range(i + 1, len(self.layers)):
                         self.layers[j].attn.append_kv(self.layers[j].attn_norm(h), cos, sin, state["caches"][j])
                     return logits, i + 1
@@ -362,6 +387,8 @@ class HMSTModel(SoftmaxLM):
                      "hidden": [], "segment_start": 0, "pos": 0}
         else:
             state = dict(state)
+        if state.get("gates", FULL).exit is not None:
+            raise ValueError("an exit gate needs a model without memory (early exit is not built with memory)")
         w, pos, logits = self.max_seq_len, state["pos"], None
         while tokens.shape[1]:
             if pos - state["segment_start"] == w:
@@ -369,7 +396,7 @@ class HMSTModel(SoftmaxLM):
                 state.update(caches=[{} for _ in self.layers], hidden=[], segment_start=pos)
             take = min(tokens.shape[1], w - (pos - state["segment_start"]))
             h, logits, _ = self.forward_all(tokens[:, :take], slice(take - 1, take), pos - state["segment_start"],
-                                            state["caches"], state["mem"])
+                                            state["caches"], state["mem"], gates=state.get("gates", FULL))
             state["hidden"] = state["hidden"] + [h]
             pos += take
             tokens = tokens[:, take:]

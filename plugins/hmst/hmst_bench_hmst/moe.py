@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +57,19 @@ class MoE(nn.Module):
     def params_per_expert(self) -> int:
         return 3 * self.d_model * self.d_ff
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, top_k: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> (router logits [N, E], probs [N, E], top-k experts [N, k], their
         renormalised weights [N, k]), all in float32 whatever x's dtype and autocast say (float64
-        when x is float64, so that float64 checks such as gradcheck are exact)."""
+        when x is float64, so that float64 checks such as gradcheck are exact). `top_k`
+        overrides the layer's k for this call (the meta-controller's expert gate)."""
+        k = self.top_k if top_k is None else int(top_k)
+        if not 1 <= k <= self.n_experts:
+            raise ValueError(f"top_k ({k}) must be between 1 and n_experts ({self.n_experts})")
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(dtype), self.router.to(dtype))
         probs = torch.softmax(logits, dim=-1)
-        top_p, top_e = probs.topk(self.top_k, dim=-1)
+        top_p, top_e = probs.topk(k, dim=-1)
         weights = top_p / top_p.sum(dim=-1, keepdim=True)
         return logits, probs, top_e, weights
 
@@ -73,15 +78,15 @@ class MoE(nn.Module):
         gate, up = (x @ self.gate_up[e].to(x.dtype)).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.down[e].to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x: torch.Tensor, top_k: Optional[int] = None) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
         x = x.reshape(-1, self.d_model)
-        logits, probs, top_e, weights = self.route(x)
+        logits, probs, top_e, weights = self.route(x, top_k)
 
         # Sort the N*k (token, slot) pairs by expert: expert e's pairs become one slice.
         flat_e = top_e.reshape(-1)
         order = flat_e.argsort(stable=True)
-        token_of = order // self.top_k  # the token each sorted pair belongs to
+        token_of = order // top_e.shape[1]  # the token each sorted pair belongs to
         counts = torch.bincount(flat_e, minlength=self.n_experts)
         xs = x.index_select(0, token_of)
         outs, start = [], 0
