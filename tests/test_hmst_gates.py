@@ -67,3 +67,19 @@ def test_an_exit_gate_the_model_does_not_have_is_refused():
         _step(build(exit_layers="2"), _prompt(5), Gates(exit=1))
     with pytest.raises(ValueError, match="without memory"):
         _step(build(memory=True, memory_chunk=4), _prompt(5), Gates(exit=1))
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_a_step_leaves_the_hidden_state_its_logits_came_from(memory):
+    """What the meta-controller reads: the decoding pass's own final hidden state, no second pass."""
+    model = build(memory=memory, memory_chunk=4) if memory else build(exit_layers="2")
+    prompt = _prompt(20 if memory else 9)
+    with torch.no_grad():
+        logprobs, state = model.decode_step(prompt, None)
+        last = state["last_hidden"]
+        torch.testing.assert_close(torch.log_softmax(model.project(last).float(), -1), logprobs, rtol=1e-5, atol=1e-5)
+        if not memory:  # an exited step: the exit's normed state
+            out, exited = model.decode_step(torch.full((2, 1), 3), {**state, "gates": Gates(exit=2)})
+            assert exited["exited_at"][-1] == 2
+            torch.testing.assert_close(torch.log_softmax(model.project(exited["last_hidden"]).float(), -1), out,
+                                       rtol=1e-5, atol=1e-5)

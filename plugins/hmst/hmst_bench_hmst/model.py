@@ -339,7 +339,8 @@ class HMSTModel(SoftmaxLM):
         """Exact KV-cached step: each layer keeps the keys and values of the columns seen so far;
         without memory, the prefill's left padding is masked and not counted as positions.
         A one-token step computes what `state["gates"]` (a `Gates`, set by the caller between
-        steps; default the full model) asks for."""
+        steps; default the full model) asks for; `state["last_hidden"]` [B, d] is the final
+        hidden state the returned log-probs came from (what the meta-controller reads)."""
         if self.memory is not None:
             if pad is not None and bool(pad.any()):
                 raise ValueError("HMST with memory decodes unpadded rows only (kv_cache_pads is False)")
@@ -349,21 +350,22 @@ class HMSTModel(SoftmaxLM):
         t = new_tokens.shape[1]
         gates = state.get("gates", FULL)
         if t == 1 and (self.config.exit_margin > 0 or gates != FULL):
-            logits, depth = self._step_with_exits(new_tokens, state, gates)
+            logits, depth, last = self._step_with_exits(new_tokens, state, gates)
         else:
-            logits, depth = self.forward_all(new_tokens, slice(t - 1, t), state["col"], state["caches"], pad=state["pad"])[1], None
-        state = {**state, "col": state["col"] + t,
+            h, logits, _ = self.forward_all(new_tokens, slice(t - 1, t), state["col"], state["caches"], pad=state["pad"])
+            depth, last = None, h[:, -1]
+        state = {**state, "col": state["col"] + t, "last_hidden": last,
                  "exited_at": state["exited_at"] + ([depth or len(self.layers)] if t == 1 else [])}
         return torch.log_softmax(logits[:, -1].float(), dim=-1), state
 
-    def _step_with_exits(self, token: torch.Tensor, state: dict, gates: Gates = FULL) -> tuple[torch.Tensor, Optional[int]]:
+    def _step_with_exits(self, token: torch.Tensor, state: dict, gates: Gates = FULL) -> tuple[torch.Tensor, Optional[int], torch.Tensor]:
         """One cached decoding step under the exit rule (CALM) or the gates: the step ends after
         block `gates.exit` when it is set; otherwise, with `exit_margin` > 0, after each exit
         block the shared head scores the token and once every row's top-1 minus top-2
         probability reaches the margin the step ends there. Each skipped layer's cache gets keys
         and values computed from the exited hidden state (`Attention.append_kv`), so later
         tokens attend to a state at every layer. Returns (logits [B, 1, V], the exit's block
-        count or None)."""
+        count or None, the normed hidden state the logits came from [B, d])."""
         if gates.exit is not None and gates.exit not in self.config.exits:
             raise ValueError(f"exit gate {gates.exit} is not one of the model's exits {self.config.exits}")
         cos, sin = rope_at(self.rope_cos, self.rope_sin, state["col"], 1, state["pad"])
@@ -376,8 +378,9 @@ class HMSTModel(SoftmaxLM):
                 if i + 1 == gates.exit or bool(((top[:, 0] - top[:, 1]) >= self.config.exit_margin).all()):
                     for j in range(i + 1, len(self.layers)):
                         self.layers[j].attn.append_kv(self.layers[j].attn_norm(h), cos, sin, state["caches"][j])
-                    return logits, i + 1
-        return self.project(self.norm(h)), None
+                    return logits, i + 1, self.norm(h)[:, -1]
+        h = self.norm(h)
+        return self.project(h), None, h[:, -1]
 
     def _memory_step(self, tokens: torch.Tensor, state: Optional[dict]) -> tuple[torch.Tensor, dict]:
         """Decoding with memory: the current segment's KV cache; a full segment is written to
@@ -398,6 +401,7 @@ class HMSTModel(SoftmaxLM):
             h, logits, _ = self.forward_all(tokens[:, :take], slice(take - 1, take), pos - state["segment_start"],
                                             state["caches"], state["mem"], gates=state.get("gates", FULL))
             state["hidden"] = state["hidden"] + [h]
+            state["last_hidden"] = h[:, -1]
             pos += take
             tokens = tokens[:, take:]
         state["pos"] = pos
