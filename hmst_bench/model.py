@@ -23,6 +23,8 @@ Declared capabilities:
     hallucination_detector True: `hallucination_scores` is the model's own wrong-answer detector
     hallucination_threshold (with the detector) the score above which it would withhold an answer,
                            chosen on its own validation data, or None; `eval --verify` uses it
+    hallucination_stats    (with the detector) numbers its last `hallucination_scores` call reports
+                           (HMST: how many answers' features came from the generating pass)
     extra_flops_covers     executed ops without a FLOP formula whose cost `extra_flops` counts
 
 Conventions: `input_ids` [B, T] hold real tokens; `token_logprobs`/`score` may see rows
@@ -34,6 +36,7 @@ follows `input_ids[:, t]` (already shifted), and -100 marks a position to ignore
 from __future__ import annotations
 
 import abc
+from types import MappingProxyType
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -52,6 +55,7 @@ class LanguageModel(torch.nn.Module, metaclass=abc.ABCMeta):
     kv_cache_pads: bool = True
     hallucination_detector: bool = False
     hallucination_threshold: Optional[float] = None
+    hallucination_stats: Mapping[str, Any] = MappingProxyType({})  # what its last hallucination_scores call reports
     extra_flops_covers: tuple[str, ...] = ()
 
     @property

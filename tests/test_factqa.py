@@ -252,6 +252,7 @@ ROWS = [
 
 class FakeModel:
     hallucination_detector = True
+    hallucination_stats = {"features_from": "test"}
 
     def __init__(self, scores):
         self.scores, self.calls = scores, []
@@ -294,7 +295,7 @@ def test_postprocess_detector_hook():
     # right {0.1, 0.9}, wrong {0.3, 0.2, 0.5}: wins over 0.1 three, over 0.9 none -> 3/6.
     # Risk-coverage, keeping the lowest scores first: 0.1 right, 0.2 wrong, 0.3 wrong, 0.5 wrong,
     # 0.9 right -> risks 0, 1/2, 2/3, 3/4, 3/5; a perfect ranking keeps both right ones first.
-    assert out["detector"] == {"method": "hallucination_scores", "auroc": 0.5, "n": 5, "n_wrong": 3,
+    assert out["detector"] == {"method": "hallucination_scores", "auroc": 0.5, "n": 5, "n_wrong": 3, "features_from": "test",
                                "aurc": pytest.approx((0 + 1 / 2 + 2 / 3 + 3 / 4 + 3 / 5) / 5),
                                "aurc_optimal": pytest.approx((0 + 0 + 1 / 3 + 2 / 4 + 3 / 5) / 5)}
     assert "verification" not in out  # off unless the provenance says otherwise

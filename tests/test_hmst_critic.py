@@ -112,6 +112,21 @@ def test_features_ignore_padding_and_batch_mates_and_follow_the_answer(memory):
     torch.testing.assert_close(empty[0, :32], hidden[0, 8], rtol=1e-5, atol=1e-5)
 
 
+def test_greedy_generation_keeps_the_features_of_its_own_pass():
+    """The features hallucination_scores finds for a generated answer are the decoding pass's,
+    equal to one pass over prompt + answer (left padding in the batch, every prefix of the answer)."""
+    from hmst_bench.generation import right_padded
+
+    model = _model(False)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 61, (9,), generator=g).tolist(), torch.randint(0, 61, (5,), generator=g).tolist()]
+    out = model.generate(*right_padded(prompts, "cpu")[:1], 6, lengths=torch.tensor([9, 5]))
+    for b in range(2):
+        for n in (0, 3, 6):
+            traced = model._traced[(tuple(prompts[b]), tuple(out[b][:n]))]
+            torch.testing.assert_close(traced, critic.features(model, [prompts[b]], [out[b][:n]])[0], rtol=1e-5, atol=1e-5)
+
+
 def test_scores_are_probabilities_and_the_detector_is_declared():
     model = _model(False)
     assert model.hallucination_detector and model.hallucination_threshold is None
@@ -214,7 +229,11 @@ def test_eval_factqa_with_verification(critic_runs, bench_home, tmp_path):
     v = record["hallucination"]["verification"]
     assert v["without"]["acc"] == metrics["acc"] and v["with"]["acc"] == metrics["verified_acc"]
     assert {"detector_auroc", "detector_aurc", "verified_hallucination", "verified_abstention"} <= set(metrics)
-    assert record["hallucination"]["detector"]["n"] == record["hallucination"]["answered"]
+    detector = record["hallucination"]["detector"]
+    assert detector["n"] == record["hallucination"]["answered"]
+    # one forward pass per query: this process generated every answer, so the critic read the
+    # generating pass's states for each (none read again)
+    assert detector["features_from_generation"] == detector["n"] and detector["features_recomputed"] == 0
     # a threshold of 1 withholds nothing
     proc = run_cli("eval", "--run", str(run), "--suite", "factqa", "--limit", "24", "--verify", "--verify-threshold",
                    "1", "--out", str(tmp_path / "ev1"), "--json", env=_env(bench_home))

@@ -356,6 +356,7 @@ def postprocess(record: dict, lm: Any, out_dir: Any = None) -> dict:
             for (_, _, r), score in zip(answered, scores):
                 r["detector_score"] = score
             detector.update(_scored(scores, wrong))
+            detector.update(dict(model.hallucination_stats))
             detector.update(_risk_coverage(scores, wrong))
         out["detector"] = detector
     settings = (record.get("provenance") or {}).get("verification")

@@ -13,9 +13,14 @@ Features of one (prompt, answer), all from one pass of the base over prompt + an
   those positions of the best hit's similarity (the reader's scaled query-entry inner product,
   `DocMemory.hit_log`); zeros without memory, so the input width is the same either way.
 
-The pass is the evaluator's: `hallucination_scores` receives text, so the answer is read again
-(one pass over prompt + answer; for a causal model its hidden states are the ones the decoding
-pass produced, up to float rounding), and the critic stage reads its answers the same way.
+One forward pass per query: while a model with a critic generates greedily (without memory),
+its decoding calls leave their final hidden states and log-probabilities in a trace, from which
+`from_trace` builds these features for every answer it produced; `hallucination_scores`, which
+receives text from the evaluator, finds each answer's features by its token ids and reads the
+answer again (`features`, one pass over prompt + answer) only for answers it did not generate in
+this process (an answer from lm-eval's cache, a row that left the KV cache's window, a re-encoded
+answer whose tokens differ, or a model with memory, whose hits the trace does not keep). The two
+agree up to float rounding (tested); the model reports how many came from each.
 
 `Critic`: LayerNorm -> Linear(d + 8, d / 2) -> GELU -> Dropout(0.1) -> Linear(d / 2, 1); its
 sigmoid is P(the answer is wrong). Every width follows the base's d_model. Its `threshold`
@@ -85,6 +90,29 @@ def features(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence
                                device=ids.device)
         out.append(torch.cat([pooled, scalars]))
     return torch.stack(out).float()
+
+
+def from_trace(trace: list, row: int, answer: Sequence[int], d_model: int) -> Optional[torch.Tensor]:
+    """The same features from the decoding pass itself: `trace` holds, per cached decoding call of
+    a batch, (final hidden state [B, d] the call's log-probs came from, those log-probs [B, V]);
+    the answer's producing positions are calls 0 .. n - 1 (the prefill, then each answer token
+    fed but the last). None when the trace is too short (the decoding left its cache) or the
+    model reads a memory (whose hits the trace does not keep)."""
+    n = max(1, len(answer))
+    if len(trace) < n:
+        return None
+    pooled = torch.stack([trace[k][0][row] for k in range(n)]).float().mean(dim=0)
+    logp = torch.stack([trace[k][1][row] for k in range(n)]).float()
+    entropy = -(logp.exp() * logp).sum(-1).mean()
+    if len(answer):
+        lp = logp.gather(-1, torch.tensor(list(answer), device=logp.device)[:, None]).squeeze(-1)
+        stats = [float(lp.mean()), float(lp.min()), float(lp[0])]
+    else:
+        stats = [0.0, 0.0, 0.0]
+    scalars = torch.tensor(stats + [float(entropy), math.log1p(len(answer)), 0.0, 0.0, 0.0], device=pooled.device)
+    if pooled.shape[0] != d_model:
+        raise ValueError(f"trace width {pooled.shape[0]} is not the model's {d_model}")
+    return torch.cat([pooled, scalars])
 
 
 def _read(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

@@ -33,6 +33,7 @@ With `config.critic` (the critic stage) the model carries a critic (`critic.py`)
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -89,6 +90,11 @@ class Gates:
 
 FULL = Gates()
 
+# an answer's traced critic features are found by its tokens and its prompt's last TRACE_KEY
+# tokens: the evaluator may hand over a prompt longer than the one the model was given (it cut the
+# left for room to generate), and the features are those of the pass that produced the answer
+TRACE_KEY = 32
+
 
 class HMSTModel(SoftmaxLM):
     kv_cache = True
@@ -124,6 +130,11 @@ class HMSTModel(SoftmaxLM):
         self.tokenizer = tokenizer
         self.critic = Critic(config) if config.critic else None
         self.hallucination_detector = config.critic
+        # greedy generation with a critic keeps each answer's features from the decoding pass
+        # (critic.from_trace), keyed by (prompt's last TRACE_KEY ids, answer ids), for hallucination_scores
+        self._tracing, self._last_state = False, None
+        self._traced: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.hallucination_stats: dict = {}
 
     # ------------------------------------------------------------------ one forward pass
 
@@ -322,15 +333,64 @@ class HMSTModel(SoftmaxLM):
         return float(self.critic.threshold)
 
     def hallucination_scores(self, prompts, answers) -> list[float]:
-        """The critic's P(wrong) for each (prompt text, answer text); the answer is read as the
-        continuation the model generated after the prompt (a space, then the answer)."""
-        from hmst_bench_hmst.critic import scores
-
+        """The critic's P(wrong) for each (prompt text, answer text), from `critic_features`."""
         if self.critic is None:
             raise NotImplementedError("this HMST run has no critic; train it with --stage critic")
+        x = self.critic_features(prompts, answers)
+        if not len(x):
+            return []
+        with torch.no_grad():
+            return torch.sigmoid(self.critic(x.to(self.embed.weight.device)).float()).tolist()
+
+    def critic_features(self, prompts, answers) -> torch.Tensor:
+        """[B, F] critic inputs for each (prompt text, answer text), the answer read as the
+        continuation the model generated after the prompt (a space, then the answer): from the
+        pass that generated it when this process did (`critic.from_trace`), else from one pass
+        over prompt + answer; `hallucination_stats` says how many of each."""
+        from hmst_bench_hmst.critic import N_SCALARS, features
+
         tok = self.tokenizer
-        return scores(self, [tok.encode(p, add_special_tokens=False) for p in prompts],
-                      [tok.encode(" " + a.strip(), add_special_tokens=False) if a.strip() else [] for a in answers])
+        ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        conts = [tok.encode(" " + a.strip(), add_special_tokens=False) if a.strip() else [] for a in answers]
+        rows = [self._traced.get((tuple(p[-TRACE_KEY:]), tuple(c))) for p, c in zip(ids, conts)]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        for start in range(0, len(missing), 16):
+            chunk = missing[start : start + 16]
+            for i, x in zip(chunk, features(self, [ids[i] for i in chunk], [conts[i] for i in chunk])):
+                rows[i] = x
+        self.hallucination_stats = {"features_from_generation": len(rows) - len(missing), "features_recomputed": len(missing)}
+        if not rows:
+            return torch.zeros((0, self.config.d_model + N_SCALARS))
+        return torch.stack([r.cpu() for r in rows]).float()
+
+    def generate(self, input_ids, max_new_tokens, *, lengths=None, temperature=0.0, top_p=1.0, top_k=0, stop=None,
+                 generators=None):
+        """The shared batched generation; with a critic, greedy and without memory, the decoding
+        calls are traced and each answer's critic features kept (see hallucination_scores)."""
+        from hmst_bench.generation import Sampling, generate_rows, prompts_of
+        from hmst_bench_hmst.critic import from_trace
+
+        if self.critic is None or temperature > 0 or self.memory is not None:
+            return super().generate(input_ids, max_new_tokens, lengths=lengths, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, stop=stop, generators=generators)
+        prompts = prompts_of(input_ids, lengths)
+        self._tracing, self._last_state = True, None
+        try:
+            out = generate_rows(self, prompts, max_new_tokens, Sampling(temperature, top_p, top_k), stop, generators)
+        finally:
+            self._tracing = False
+        trace = (self._last_state or {}).get("trace") or []
+        self._last_state = None
+        for b, (prompt, answer) in enumerate(zip(prompts, out)):
+            if len(prompt) + len(answer) > self.context_len:
+                continue
+            for n in range(len(answer) + 1):  # every prefix: the evaluator cuts answers at stop strings
+                x = from_trace(trace, b, answer[:n], self.config.d_model)
+                if x is not None:
+                    self._traced[(tuple(prompt[-TRACE_KEY:]), tuple(answer[:n]))] = x.cpu()
+        while len(self._traced) > 100_000:
+            self._traced.popitem(last=False)
+        return out
 
     # ------------------------------------------------------------------ decoding
 
@@ -356,7 +416,11 @@ class HMSTModel(SoftmaxLM):
             depth, last = None, h[:, -1]
         state = {**state, "col": state["col"] + t, "last_hidden": last,
                  "exited_at": state["exited_at"] + ([depth or len(self.layers)] if t == 1 else [])}
-        return torch.log_softmax(logits[:, -1].float(), dim=-1), state
+        logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        if self._tracing:  # generate() with a critic: keep what the critic reads
+            state["trace"] = state.get("trace", []) + [(last.detach(), logprobs)]
+            self._last_state = state
+        return logprobs, state
 
     def _step_with_exits(self, token: torch.Tensor, state: dict, gates: Gates = FULL) -> tuple[torch.Tensor, Optional[int], torch.Tensor]:
         """One cached decoding step under the exit rule (CALM) or the gates: the step ends after

@@ -11,7 +11,8 @@ the optimiser (`ctx.train_only`).
    question of `facts.critic_questions`: the questions the corpus answers (seen entities, which
    factqa never asks) and questions about `facts.heldout_unseen` entities (neither in the corpus
    nor among factqa's). factqa's `judge` labels each answer; abstentions carry no label and are
-   left out. The critic's features come from one pass of the base over prompt + answer.
+   left out. The critic's features come from the answering pass itself (`critic.from_trace`;
+   from one more pass over prompt + answer only for a model with memory).
 2. Training: the critic is fitted to (features, wrong) of the "train" split, `critic_epochs`
    passes of shuffled minibatches (a pure function of the seed and epoch), the shared recipe's
    AdamW, warmup and cosine schedule. Then the validation split's scores choose the verification
@@ -75,7 +76,6 @@ def _answer(ctx: TrainContext, questions: list[dict], primer: list[dict], state:
     from hmst_bench.eval import hallucination
     from hmst_bench.eval.lm import HmstBenchLM
     from hmst_bench.train.rundir import Run
-    from hmst_bench_hmst import critic
 
     model, tok = ctx.model, ctx.tokenizer
     lm = HmstBenchLM(run=Run(ctx.run_dir, model, tok, ctx.spec, {}, ctx.config), device=str(ctx.accelerator.device),
@@ -90,9 +90,9 @@ def _answer(ctx: TrainContext, questions: list[dict], primer: list[dict], state:
 
         def work():
             answers = lm.generate_until([SimpleNamespace(args=(p, gen)) for p in prompts], disable_tqdm=True)
-            ids = [lm.tok_encode(p) for p in prompts]
-            cont = [lm.tok_encode(" " + hallucination.first_line(a)) if hallucination.first_line(a) else [] for a in answers]
-            return answers, critic.features(model, ids, cont), sum(len(i) + len(c) for i, c in zip(ids, cont))
+            x = model.critic_features(prompts, [hallucination.first_line(a) for a in answers])
+            tokens = sum(len(lm.tok_encode(p + a)) for p, a in zip(prompts, answers))
+            return answers, x, tokens
 
         (answers, x, tokens), flops = ctx.meter.measure(work, model)
         ctx.meter.add(flops, tokens, steps=0)
@@ -106,6 +106,7 @@ def _answer(ctx: TrainContext, questions: list[dict], primer: list[dict], state:
                 state["split"].append(q["split"])
         state["answered"] += len(batch)
         ctx.log(kind="critic_answers", answered=state["answered"], of=len(questions), batch_flops=flops,
+                **dict(model.hallucination_stats),
                 **{f"n_{k}": v for k, v in state["outcomes"].items()})
         ctx.checkpoint(state)
         ctx.on_progress(ctx)
