@@ -128,3 +128,17 @@ def test_report_regenerates_identically_from_its_manifest(study, tmp_path):
 def test_no_runs_is_one_line(tmp_path):
     proc = run_cli("compare", str(tmp_path / "nothing*"), check=False)
     assert proc.returncode == 1 and "matches no run directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_experiment_labels_found_from_a_relative_run_path(tmp_path, monkeypatch):
+    """`experiment run` hands the report runs/<name>/... relative to the working directory; the
+    experiment's labels (not the architecture names) must still name them."""
+    from hmst_bench.report.collect import read_run
+
+    exp = tmp_path / "runs" / "x"
+    run = write_run(exp / "hmst-critic", "hmst", "1e10", 0, 1e10, 3.0)
+    (exp / "experiment.json").write_text(json.dumps({"runs": [{"label": "hmst-critic", "budget": "1e10", "seed": 0,
+                                                                "path": "hmst-critic/" + run.name}]}))
+    monkeypatch.chdir(tmp_path)
+    row, _ = read_run(run.relative_to(tmp_path))
+    assert row["label"] == "hmst-critic"

@@ -49,6 +49,7 @@ def find_runs(patterns: list) -> list[Path]:
 
 
 def _experiment_labels(run: Path) -> tuple[Optional[str], Optional[dict]]:
+    run = run.resolve()  # the experiment command hands over runs/<name>/... relative to the cwd
     for folder in (run.parent.parent, run.parent):
         try:
             exp = json.loads((folder / "experiment.json").read_text())
