@@ -130,7 +130,7 @@ def test_greedy_generation_keeps_the_features_of_its_own_pass():
 def test_scores_are_probabilities_and_the_detector_is_declared():
     model = _model(False)
     assert model.hallucination_detector and model.hallucination_threshold is None
-    s = critic.scores(model, [[1, 2, 3], [4, 5]], [[6], [7, 8]])
+    s = torch.sigmoid(model.critic(critic.features(model, [[1, 2, 3], [4, 5]], [[6], [7, 8]]))).tolist()
     assert len(s) == 2 and all(0 < v < 1 for v in s)
     model.critic.threshold.fill_(0.4)
     assert model.hallucination_threshold == pytest.approx(0.4)

@@ -73,22 +73,9 @@ def features(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence
     out = []
     for b, ((start, n), row) in enumerate(zip(spans, rows)):
         at = slice(start, start + n)
-        pooled = hidden[b, at].float().mean(dim=0)
-        answer = torch.tensor(row[start + 1 : start + 1 + n], device=ids.device)
-        logp = torch.log_softmax(logits[b, at].float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1).mean()
-        if len(answer):
-            lp = logp[: len(answer)].gather(-1, answer[:, None]).squeeze(-1)
-            stats = [lp.mean(), lp.min(), lp[0]]
-        else:  # an empty answer: the pass produced only the stop
-            stats = [torch.tensor(0.0, device=ids.device)] * 3
         best = hits[b, at] if hits is not None else None
-        found = best is not None and bool(torch.isfinite(best).any())
-        mem = ([1.0, float(best[torch.isfinite(best)].mean()), float(best[torch.isfinite(best)].max())]
-               if found else [0.0, 0.0, 0.0])
-        scalars = torch.tensor([float(s) for s in stats] + [float(entropy), math.log1p(len(answer))] + mem,
-                               device=ids.device)
-        out.append(torch.cat([pooled, scalars]))
+        out.append(_assemble(hidden[b, at], torch.log_softmax(logits[b, at].float(), dim=-1),
+                             row[start + 1 : start + 1 + n], best))
     return torch.stack(out).float()
 
 
@@ -96,22 +83,30 @@ def from_trace(trace: list, row: int, answer: Sequence[int], d_model: int) -> Op
     """The same features from the decoding pass itself: `trace` holds, per cached decoding call of
     a batch, (final hidden state [B, d] the call's log-probs came from, those log-probs [B, V]);
     the answer's producing positions are calls 0 .. n - 1 (the prefill, then each answer token
-    fed but the last). None when the trace is too short (the decoding left its cache) or the
-    model reads a memory (whose hits the trace does not keep)."""
+    fed but the last). None when the trace is too short (the decoding left its cache); a model
+    with memory is not traced (the trace does not keep its semantic hits)."""
     n = max(1, len(answer))
     if len(trace) < n:
         return None
-    pooled = torch.stack([trace[k][0][row] for k in range(n)]).float().mean(dim=0)
-    logp = torch.stack([trace[k][1][row] for k in range(n)]).float()
-    entropy = -(logp.exp() * logp).sum(-1).mean()
+    hidden = torch.stack([trace[k][0][row] for k in range(n)])
+    if hidden.shape[-1] != d_model:
+        raise ValueError(f"trace width {hidden.shape[-1]} is not the model's {d_model}")
+    return _assemble(hidden, torch.stack([trace[k][1][row] for k in range(n)]).float(), answer, None)
+
+
+def _assemble(hidden: torch.Tensor, logp: torch.Tensor, answer: Sequence[int], best: Optional[torch.Tensor]) -> torch.Tensor:
+    """One row of features from the producing positions' hidden states [n, d] and log-probs
+    [n, V], the answer's tokens, and the best semantic-hit similarity per position (or None)."""
+    pooled = hidden.float().mean(dim=0)
+    entropy = float(-(logp.exp() * logp).sum(-1).mean())
     if len(answer):
-        lp = logp.gather(-1, torch.tensor(list(answer), device=logp.device)[:, None]).squeeze(-1)
+        lp = logp[: len(answer)].gather(-1, torch.tensor(list(answer), device=logp.device)[:, None]).squeeze(-1)
         stats = [float(lp.mean()), float(lp.min()), float(lp[0])]
-    else:
+    else:  # an empty answer: the pass produced only the stop
         stats = [0.0, 0.0, 0.0]
-    scalars = torch.tensor(stats + [float(entropy), math.log1p(len(answer)), 0.0, 0.0, 0.0], device=pooled.device)
-    if pooled.shape[0] != d_model:
-        raise ValueError(f"trace width {pooled.shape[0]} is not the model's {d_model}")
+    found = best is not None and bool(torch.isfinite(best).any())
+    mem = [1.0, float(best[torch.isfinite(best)].mean()), float(best[torch.isfinite(best)].max())] if found else [0.0] * 3
+    scalars = torch.tensor(stats + [entropy, math.log1p(len(answer))] + mem, device=pooled.device)
     return torch.cat([pooled, scalars])
 
 
@@ -131,16 +126,6 @@ def _read(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optiona
         best.append(seg if seg is not None else torch.full(h.shape[:2], float("-inf"), device=h.device))
         mem.hit_log.clear()
     return torch.cat(hs, dim=1), torch.cat(ls, dim=1), torch.cat(best, dim=1)
-
-
-def scores(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], batch: int = 16) -> list[float]:
-    """P(wrong) for each (prompt, answer) token-id row."""
-    out: list[float] = []
-    for i in range(0, len(prompts), batch):
-        x = features(model, prompts[i : i + batch], answers[i : i + batch])
-        with torch.no_grad():
-            out += torch.sigmoid(model.critic(x).float()).tolist()
-    return out
 
 
 def bce(model, x: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
