@@ -12,7 +12,7 @@ Required (abstract):
 Optional, each with a correct default: `score`, `generate` (batched), `decode_step` (only with
 `kv_cache`), `score_continuations` (one context, several continuations), `num_active_params`,
 `extra_flops`, `flop_shares`, `prepare`, `save_artifacts` / `load_artifacts`, `export`,
-`hallucination_scores` (only with `hallucination_detector`).
+`hallucination_scores` (only with `hallucination_detector`), `take_decoding_stats`.
 
 Declared capabilities:
     max_seq_len            the attention window (set by the subclass)
@@ -174,6 +174,12 @@ class LanguageModel(torch.nn.Module, metaclass=abc.ABCMeta):
 
     def export(self, run_dir) -> None:
         """Extra copies in other tools' formats (dense baselines: RUN/hf/); never read back."""
+
+    def take_decoding_stats(self) -> dict:
+        """What the model's own decoding policy did since the last call (HMST's meta-controller:
+        gate rates, FLOPs per generated token), then forget it; the evaluator records it per
+        suite as `provenance.decoding`. {} for a model without such a policy."""
+        return {}
 
     def hallucination_scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         """With `hallucination_detector`: one finite score per (prompt, answer), higher = more

@@ -59,6 +59,13 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
     return proc
 
 
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a command that failed as a user-facing error (no traceback)."""
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
 def run_cli_read_only(folders: list[Path], *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `hmst-bench ARGS` with `folders` read-only even to root: chmod binds no one here (the
     tests run as root), so each folder is bound read-only over itself in a bubblewrap mount

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from hmst_bench.data import facts
 from hmst_bench.eval import hallucination
 from hmst_bench_hmst import critic
@@ -244,28 +244,22 @@ def test_eval_factqa_with_verification(critic_runs, bench_home, tmp_path):
 # ============================================================================== refusals
 
 
-def _one_line(proc) -> str:
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
 def test_refusals_are_one_line(critic_runs, bench_home, tmp_path):
     env = _env(bench_home)
     empty = tmp_path / "empty"
-    assert "train stage 1 first" in _one_line(run_cli("train", "--arch", "hmst", "--stage", "critic", "--out",
+    assert "train stage 1 first" in one_line_error(run_cli("train", "--arch", "hmst", "--stage", "critic", "--out",
                                                       str(empty), "--budget", "1e11", env=env, check=False))
     assert not empty.exists() or not any(empty.iterdir())
     plain = tmp_path / "plain"  # a knowledge base without answered questions
     run_cli("train", "--arch", "hmst", "--size", "micro", "--seq-len", "64", "--corpus", "synthetic-facts",
             "--budget", "1e10", "--out", str(plain), env=env)
     before = {p: p.read_bytes() for p in plain.rglob("*") if p.is_file()}
-    assert "qa=F with F > 0" in _one_line(run_cli("train", "--stage", "critic", "--out", str(plain), "--budget",
+    assert "qa=F with F > 0" in one_line_error(run_cli("train", "--stage", "critic", "--out", str(plain), "--budget",
                                                   "1e11", env=env, check=False))
     assert {p: p.read_bytes() for p in plain.rglob("*") if p.is_file()} == before  # left as it was
     for args, needle in ((("--verify", "--verify-threshold", "1.5"), "[0, 1]"),
                          (("--verify-threshold", "0.5"), "add --verify")):
-        assert needle in _one_line(run_cli("eval", "--run", str(critic_runs.a), "--suite", "factqa", "--limit", "2",
+        assert needle in one_line_error(run_cli("eval", "--run", str(critic_runs.a), "--suite", "factqa", "--limit", "2",
                                            *args, env=env, check=False))
     # a model without a critic has nothing to verify with: every answer is kept, and said so
     run_cli("eval", "--run", str(plain), "--suite", "factqa", "--limit", "2", "--verify", env=env)

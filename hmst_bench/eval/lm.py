@@ -355,7 +355,7 @@ class HmstBenchLM(TemplateLM):
         room = self.max_context - max_gen_toks
         return room if room > 0 else self.max_context // 2
 
-    def _stop_when(self, until: list[str]):
+    def stop_when(self, until: list[str]):
         """A `generate` stop callable: fires (keeping every token) once the decoded new text
         contains a stop string; the text is cut at the string afterwards."""
 
@@ -408,7 +408,7 @@ class HmstBenchLM(TemplateLM):
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
                 ids, lengths = right_padded([prompts[i] for i in batch], self.device)
-                rows = self.model.generate(ids, max_gen_toks, lengths=lengths, stop=[self.eot_token_id, self._stop_when(until)],
+                rows = self.model.generate(ids, max_gen_toks, lengths=lengths, stop=[self.eot_token_id, self.stop_when(until)],
                                            generators=[generators[i] for i in batch] if sampling["temperature"] > 0 else None,
                                            **sampling)
                 for i, tokens in zip(batch, rows):

@@ -247,6 +247,7 @@ def evaluate(
     for suite in suites:
         started = time.time()
         before = dict(lm.computed)
+        run.model.take_decoding_stats()  # what an earlier suite decoded is not this one's
         tasks, gen_kwargs = code.tasks(suite, manager)
         # longctx builds its documents for this model's window and tokenizer (hmst_bench.eval.longctx);
         # quiet_git_probe: lm-eval's `git describe` of the cwd, without git's "fatal: ..." outside a checkout
@@ -257,6 +258,7 @@ def evaluate(
                                    seeds, unsafe=suite.executes_code)
             sandbox = code.attach_outcomes(suite, out)
         computed = {k: lm.computed[k] - before[k] for k in lm.computed}
+        decoding = run.model.take_decoding_stats()  # the model's decoding policy in this suite (HMST's controller)
         # one sample per document and filter; every filter sees the same responses. A response is
         # a list per request: one answer, or `repeats` sampled generations
         per_doc = {(task, s["doc_id"]): sum(len(r) if isinstance(r, list) else 1 for r in s["resps"])
@@ -311,6 +313,7 @@ def evaluate(
                              "from_cache": max(requests - sum(computed.values()), 0), "truncated": truncated},
                 "seconds": round(time.time() - started, 2),
                 **({"code_execution": sandbox} if sandbox else {}),
+                **({"decoding": decoding} if decoding else {}),
             },
         }
         for key, module in post[suite.name].items():

@@ -1,8 +1,9 @@
-"""HMST's meta-controller (issue 18, in progress): a small causal transformer that decides, before
-each generated token, what the base model computes for it (`model.Gates`).
+"""HMST's meta-controller: a small causal transformer that decides, before each generated token,
+what the base model computes for it (`model.Gates`), and after the answer whether the critic
+checks it. `policy.py` runs it inside decoding; stage 3 (`stage3.py`) trains it by PPO.
 
 At decision point t it reads the base's final hidden state of the latest token (from the decoding
-pass that produced it; `decode_step` leaves it in `state["hidden"]`) and a state vector
+pass that produced it; `decode_step` leaves it in `state["last_hidden"]`) and a state vector
 (`N_STATE` numbers: position in the window, memory fill, the critic's score so far, the share of
 full-model compute spent so far), and gives, per gate, a categorical policy and one value:
 
@@ -17,9 +18,6 @@ max(2, n_layers / 2) blocks, and the exit head has len(config.exits) + 1 choices
 dimension is set by hand (the seed's review found a controller built for 8 experts over a base
 of 16). The blocks are the shared pre-norm RMSNorm / RoPE attention / SwiGLU pieces, causal, with
 a KV cache so an episode of many decisions costs one step each.
-
-Not built yet: the stage-3 runner (PPO over episodes, `ppo.py`), rewards, evaluation with the
-controller on.
 """
 
 from __future__ import annotations

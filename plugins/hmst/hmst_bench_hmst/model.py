@@ -28,6 +28,10 @@ through `save_artifacts`). Without memory the model is the plain MoE LM above.
 
 With `config.critic` (the critic stage) the model carries a critic (`critic.py`) and declares
 `hallucination_detector`: `hallucination_scores` is the critic's P(wrong) of each answer.
+
+With `config.controller` "on" (stage 3) the meta-controller (`controller.py`, `policy.py`)
+decides, before every generated token, what the step computes (`Gates`), and after the answer
+whether the critic checks it; generation then runs one row at a time (the gates are per row).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -45,6 +50,7 @@ from hmst_bench.arch import IGNORE_INDEX
 from hmst_bench.generation import right_padded
 from hmst_bench.model import per_group
 from hmst_bench.modeling import Attention, RMSNorm, SoftmaxLM, SwiGLU, new_caches, rope_at, rope_tables
+from hmst_bench_hmst.controller import Controller
 from hmst_bench_hmst.critic import Critic
 from hmst_bench_hmst.memory import DocMemory, LongTermMemory, MemoryModules, memory_extra_flops
 from hmst_bench_hmst.moe import MoE, RouterStats
@@ -94,6 +100,7 @@ FULL = Gates()
 # tokens: the evaluator may hand over a prompt longer than the one the model was given (it cut the
 # left for room to generate), and the features are those of the pass that produced the answer
 TRACE_KEY = 32
+COSTS_FILE = "controller_costs.json"  # the gates' measured cost table (policy.Costs), saved with the run
 
 
 class HMSTModel(SoftmaxLM):
@@ -135,6 +142,11 @@ class HMSTModel(SoftmaxLM):
         self._tracing, self._last_state = False, None
         self._traced: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
         self.hallucination_stats: dict = {}
+        # the meta-controller (stage 3); while a controlled row decodes, `_episode` records it
+        self.controller = Controller(config) if config.controller != "none" else None
+        self._episode = None
+        self._costs = None  # policy.Costs, measured on first use
+        self._decoding: dict = {}
 
     # ------------------------------------------------------------------ one forward pass
 
@@ -302,12 +314,23 @@ class HMSTModel(SoftmaxLM):
         return pending, flops
 
     def save_artifacts(self, folder) -> None:
+        """The long-term store, and the controller's measured gate costs (stage 3)."""
         if self.longterm is not None:
             self.longterm.save(folder)
+        if self._costs is not None:
+            from hmst_bench.util import atomic_write_json
+
+            atomic_write_json(Path(folder) / COSTS_FILE, self._costs.as_dict())
 
     def load_artifacts(self, folder) -> None:
         if self.longterm is not None:
             self.longterm.load(folder)
+        if self.controller is not None and (Path(folder) / COSTS_FILE).exists():
+            import json
+
+            from hmst_bench_hmst.policy import Costs
+
+            self._costs = Costs.from_dict(json.loads((Path(folder) / COSTS_FILE).read_text()))
 
     def extra_flops(self, batch) -> int:
         """A training step's FLOPs the counter cannot see: the memory's (see memory.py)."""
@@ -340,7 +363,7 @@ class HMSTModel(SoftmaxLM):
         if not len(x):
             return []
         with torch.no_grad():
-            return torch.sigmoid(self.critic(x.to(self.embed.weight.device)).float()).tolist()
+            return torch.sigmoid(self.critic(x.to(self.embed.weight)).float()).tolist()
 
     def critic_features(self, prompts, answers) -> torch.Tensor:
         """[B, F] critic inputs for each (prompt text, answer text), the answer read as the
@@ -368,8 +391,10 @@ class HMSTModel(SoftmaxLM):
         """The shared batched generation; with a critic, greedy and without memory, the decoding
         calls are traced and each answer's critic features kept (see hallucination_scores)."""
         from hmst_bench.generation import Sampling, generate_rows, prompts_of
-        from hmst_bench_hmst.critic import from_trace
 
+        if self.controller is not None and self.config.controller == "on":
+            return self._controlled(input_ids, max_new_tokens, lengths, Sampling(temperature, top_p, top_k), stop,
+                                    generators)
         if self.critic is None or temperature > 0 or self.memory is not None:
             return super().generate(input_ids, max_new_tokens, lengths=lengths, temperature=temperature, top_p=top_p,
                                     top_k=top_k, stop=stop, generators=generators)
@@ -382,20 +407,117 @@ class HMSTModel(SoftmaxLM):
         trace = (self._last_state or {}).get("trace") or []
         self._last_state = None
         for b, (prompt, answer) in enumerate(zip(prompts, out)):
-            if len(prompt) + len(answer) > self.context_len:
-                continue
-            for n in range(len(answer) + 1):  # every prefix: the evaluator cuts answers at stop strings
-                x = from_trace(trace, b, answer[:n], self.config.d_model)
-                if x is not None:
-                    self._traced[(tuple(prompt[-TRACE_KEY:]), tuple(answer[:n]))] = x.cpu()
+            self._keep_features(trace, b, prompt, answer)
+        return out
+
+    def _keep_features(self, trace: list, b: int, prompt: list, answer: list) -> None:
+        """Keep row b's critic features for every prefix of its answer (the evaluator cuts
+        answers at stop strings), found later by hallucination_scores."""
+        from hmst_bench_hmst.critic import from_trace
+
+        if len(prompt) + len(answer) > self.context_len or self.memory is not None or self.critic is None:
+            return
+        for n in range(len(answer) + 1):
+            x = from_trace(trace, b, answer[:n], self.config.d_model)
+            if x is not None:
+                self._traced[(tuple(prompt[-TRACE_KEY:]), tuple(answer[:n]))] = x.cpu()
         while len(self._traced) > 100_000:
             self._traced.popitem(last=False)
+
+    # ------------------------------------------------------------------ the meta-controller
+
+    def costs(self):
+        """The measured per-step cost table of the gates (`policy.measure_costs`), once per model."""
+        from hmst_bench_hmst.policy import measure_costs
+
+        if self._costs is None:
+            self._costs = measure_costs(self)
+        return self._costs
+
+    def run_episode(self, prompt: list, max_new_tokens: int, sampling, stop, generator=None, mode: str = "greedy",
+                    token_generator=None, verify: bool = True):
+        """Answer one prompt (token ids) under the controller: (answer tokens, `policy.Episode`).
+        `generator` draws the controller's choices (mode "sample"), `token_generator` the tokens."""
+        from hmst_bench.generation import generate_rows
+        from hmst_bench_hmst.policy import Episode
+
+        episode = Episode(self, mode, generator, self.costs())
+        self._episode = episode
+        try:
+            answer = generate_rows(self, [list(prompt)], max_new_tokens, sampling, stop,
+                                   None if token_generator is None else [token_generator])[0]
+        finally:
+            self._episode = None
+        self._keep_features([(h, lp) for h, lp in episode.trace], 0, list(prompt), answer)
+        return episode.finish(list(prompt), answer, verify), episode
+
+    def _controlled(self, input_ids, max_new_tokens, lengths, sampling, stop, generators) -> list[list[int]]:
+        """Generation with the controller on: each row is an episode of its own (greedy decisions).
+        Only greedy answers get the verification decision: sampled ones (self-consistency's) are
+        the model's distribution, which a detector compares, not answers to withhold."""
+        from hmst_bench.generation import prompts_of
+
+        out = []
+        for b, prompt in enumerate(prompts_of(input_ids, lengths)):
+            answer, episode = self.run_episode(prompt, max_new_tokens, sampling, stop,
+                                               token_generator=None if generators is None else generators[b],
+                                               verify=sampling.temperature <= 0)
+            self._count(episode)
+            out.append(answer)
         return out
+
+    def _count(self, episode) -> None:
+        """Add an episode's decisions to the decoding statistics (take_decoding_stats)."""
+        d = self._decoding
+        d["answers"] = d.get("answers", 0) + 1
+        d["token_decisions"] = d.get("token_decisions", 0) + len(episode.latency)
+        d["latency_sum"] = d.get("latency_sum", 0.0) + sum(episode.latency)
+        d["compute_sum"] = d.get("compute_sum", 0.0) + sum(episode.compute)
+        d["verified"] = d.get("verified", 0) + int(episode.verified)
+        d["abstained"] = d.get("abstained", 0) + int(episode.abstained)
+        for choice in episode.choices:
+            for gate, value in choice.items():
+                key = f"{gate}={value}"
+                d.setdefault("choices", {})[key] = d.get("choices", {}).get(key, 0) + 1
+
+    def take_decoding_stats(self) -> dict:
+        """What the controller decided since the last call: answers, token decisions, the rate of
+        each gate's choices, the verification and abstention rates, and the measured FLOPs per
+        generated token (cost table) relative to the full model's and absolute."""
+        d, self._decoding = self._decoding, {}
+        if not d:
+            return {}
+        n, costs = max(1, d["token_decisions"]), self.costs()
+        full = costs.step[max(costs.step)]
+        per_gate: dict = {}
+        for key, count in sorted(d.get("choices", {}).items()):
+            gate, value = key.split("=")
+            per_gate.setdefault(gate, {})[value] = count
+        rates = {g: {v: c / sum(vals.values()) for v, c in vals.items()} for g, vals in per_gate.items()}
+        return {"controller": "on", "answers": d["answers"], "token_decisions": d["token_decisions"],
+                "gate_rates": rates, "verify_rate": d["verified"] / d["answers"],
+                "abstained_by_controller": d["abstained"] / d["answers"],
+                "latency": d["latency_sum"] / n if d["token_decisions"] else None,
+                "compute": d["compute_sum"] / n if d["token_decisions"] else None,
+                "flops_per_generated_token": full * d["latency_sum"] / n if d["token_decisions"] else None,
+                "full_flops_per_generated_token": full}
 
     # ------------------------------------------------------------------ decoding
 
     def decode_step(self, new_tokens: torch.Tensor, state: Any, pad: Optional[torch.Tensor] = None,
                     ) -> tuple[torch.Tensor, dict]:
+        """`_decode_step`; while a controlled row decodes (`run_episode`), its episode first picks
+        the gates of each one-token step and then keeps what the call produced."""
+        episode = self._episode
+        if episode is not None and state is not None and new_tokens.shape[1] == 1:
+            state = {**state, "gates": episode.decide(state, int(new_tokens[0, 0]))}
+        logprobs, state = self._decode_step(new_tokens, state, pad)
+        if episode is not None:
+            episode.record(state, logprobs)
+        return logprobs, state
+
+    def _decode_step(self, new_tokens: torch.Tensor, state: Any, pad: Optional[torch.Tensor] = None,
+                     ) -> tuple[torch.Tensor, dict]:
         """Exact KV-cached step: each layer keeps the keys and values of the columns seen so far;
         without memory, the prefill's left padding is masked and not counted as positions.
         A one-token step computes what `state["gates"]` (a `Gates`, set by the caller between

@@ -5,7 +5,8 @@ Stage 1 trains the MoE base language model (`model.HMSTModel`, memory off) with 
 Stage 2 (`--stage 2 --out R`, continuing stage 1 in R) turns the memory on (`stage_config`) and
 trains it on documents longer than the window (`stage2.py`). Stage critic (`--stage critic --out
 R`, after stage 1 or 2) adds the critic and trains it alone on the model's own answers
-(`stage_critic.py`). The meta-controller is not built yet.
+(`stage_critic.py`). Stage 3 (`--stage 3 --out R`, after any of them) adds the meta-controller
+and trains it alone by PPO (`stage3.py`).
 
 Imports neither torch nor faiss, so loading it costs nothing at CLI start-up."""
 
@@ -57,6 +58,21 @@ class HMSTConfig:
     exit_layers: str = ""
     early_exit_loss: float = 0.0  # weight of the exits' loss in training (weights rising with depth); 0: off
     exit_margin: float = 0.0  # decoding: a token exits once top-1 minus top-2 probability >= this (0: off)
+    # the meta-controller (controller.py, policy.py, stage3.py): "none" before stage 3, which
+    # builds and trains it and sets "on"; "off" keeps it but decodes with every gate full (the ablation)
+    controller: str = "none"
+    reward_accuracy: float = 1.0  # stage 3's reward: the seed's accuracy - 0.3 latency - 0.2 compute + 0.5 calibration
+    reward_latency: float = 0.3
+    reward_compute: float = 0.2
+    reward_calibration: float = 0.5
+    ppo_episodes: int = 16  # stage 3: queries answered per rollout
+    ppo_epochs: int = 4
+    ppo_minibatches: int = 4
+    ppo_gamma: float = 0.99
+    ppo_lambda: float = 0.95
+    ppo_clip: float = 0.2
+    ppo_ent_coef: float = 0.01
+    ppo_target_kl: float = 0.02  # 0: no early stop
     # derived, never set by hand
     head_dim: int = field(init=False)
     expert_d_ff: int = field(init=False)
@@ -104,6 +120,7 @@ class HMSTConfig:
         if self.memory_segments < 2:
             raise ConfigError(f"memory_segments ({self.memory_segments}) must be at least 2: stage 2 documents are longer than the window")
         self.exits = self._exits()
+        self._check_controller()
         self.head_dim = self.d_model // self.n_heads
         self.memory_dim = max(1, self.d_model // 2)
         self.memory_layer = min(self.n_layers - 1, self.n_layers // 2)
@@ -131,6 +148,21 @@ class HMSTConfig:
         return exits
 
 
+    def _check_controller(self) -> None:
+        if self.controller not in ("none", "on", "off"):
+            raise ConfigError(f"controller must be none, on or off, got {self.controller!r}")
+        for name in ("reward_accuracy", "reward_latency", "reward_compute", "reward_calibration", "ppo_ent_coef",
+                     "ppo_target_kl"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        for name in ("ppo_gamma", "ppo_lambda", "ppo_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+        require_positive(self, "ppo_episodes", "ppo_epochs", "ppo_minibatches")
+
+
 # dense-llama's shapes, so hmst and dense-llama of a size share tokenizer and window
 SIZES = DENSE_SHAPES
 
@@ -154,23 +186,27 @@ def run_stage(ctx) -> None:
         from hmst_bench_hmst.stage_critic import run
 
         return run(ctx)
+    if ctx.stage == "3":
+        from hmst_bench_hmst.stage3 import run
+
+        return run(ctx)
     return shared_loop(ctx)
 
 
 def stage_config(stage: str) -> dict:
     """What a stage changes when it starts from the earlier one: stage 2 turns the memory on; the
-    critic stage adds the critic (after stage 1 or 2, memory as it was)."""
-    return {"2": {"memory": True}, "critic": {"critic": True}}.get(stage, {})
+    critic stage adds the critic (after stage 1 or 2, memory as it was); stage 3 the controller."""
+    return {"2": {"memory": True}, "critic": {"critic": True}, "3": {"controller": "on"}}.get(stage, {})
 
 
 HMST = ArchSpec(
     name="hmst",
-    description="HMST: causal MoE transformer (stage 1) with episodic SSM and semantic FAISS memory (stage 2) and a critic (stage critic)",
+    description="HMST: causal MoE transformer (stage 1) with episodic SSM and semantic FAISS memory (stage 2) a critic (stage critic) and a PPO-trained meta-controller (stage 3)",
     config_cls=HMSTConfig,
     sizes=SIZES,
     build=build,
     stage_runner=run_stage,
-    stages=("1", "2", "critic"),
+    stages=("1", "2", "critic", "3"),
     stage_config=stage_config,
 )
 

@@ -83,11 +83,13 @@ def ppo_loss(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: t
 
 def update(evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
            params, optimizer: torch.optim.Optimizer, batch: dict, cfg: PPOConfig,
-           generator: torch.Generator) -> list[dict]:
+           generator: torch.Generator, run: Optional[Callable[[Callable], object]] = None) -> list[dict]:
     """One PPO update over a flattened rollout `batch` ({"index", "logprob", "value", "advantages",
     "returns"}, each [B]; "index" is what `evaluate` needs to recompute the minibatch's
     (new logprob, entropy, value) under the current policy). Minibatches are shuffled with
     `generator`; the epochs stop early once a minibatch's approx KL exceeds `target_kl`.
+    `run(work)`, when given, runs each minibatch's forward and backward (a FLOP meter: the
+    gradient clipping and the optimiser step are not model FLOPs) and returns work's result.
     Returns each minibatch's statistics (loss terms, approx_kl, clip_frac, grad_norm)."""
     n = batch["logprob"].shape[0]
     size = max(1, n // cfg.minibatches)
@@ -96,11 +98,15 @@ def update(evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, 
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, size):
             rows = order[start : start + size]
-            logprob, entropy, value = evaluate(batch["index"][rows])
-            out = ppo_loss(logprob, batch["logprob"][rows], batch["advantages"][rows], value, batch["value"][rows],
-                           batch["returns"][rows], entropy, cfg)
+            def work():
+                logprob, entropy, value = evaluate(batch["index"][rows])
+                out = ppo_loss(logprob, batch["logprob"][rows], batch["advantages"][rows], value, batch["value"][rows],
+                               batch["returns"][rows], entropy, cfg)
+                out["loss"].backward()
+                return out
+
             optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            out = run(work) if run is not None else work()
             out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             stats.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
