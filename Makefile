@@ -46,6 +46,8 @@ bench: $(STAMP) sandbox-tools
 	$(PY) benchmarks/hsm_head.py
 	$(PY) benchmarks/hrm.py
 	$(PY) benchmarks/hmst.py
+	$(PY) benchmarks/early_exit.py
+	$(PY) benchmarks/hmst_controller.py
 	HMST_BENCH_SHARED_DATA="$(SHARED_DATA)" $(PY) benchmarks/sandbox_throughput.py
 	$(PY) benchmarks/experiment_overhead.py
 

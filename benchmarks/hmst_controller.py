@@ -14,6 +14,7 @@ the controller on (its greedy decisions, verification included) and once off:
   first token (the prefill), summed over prompts, over the one-token decoding steps run (the
   stop token's included; torch's FlopCounterMode, the controller's decisions and the critic's
   check included; FAISS is not involved without memory);
+- flops_per_answer: all FLOPs of answering a prompt (the prompt's prefill included), per prompt;
 - tokens_per_s: tokens decoded (the first of each answer included) over the wall-clock seconds
   of generating every answer, median of `--repeats`;
 - controller_overhead: one decision's FLOPs (the cost table's) over one full decoding step's;
@@ -75,7 +76,7 @@ def decode(model, rows, stop, max_new: int, repeats: int) -> dict:
 
     model._decode_step = counting
     try:
-        flops, decoded = 0.0, 0
+        flops, decoded, whole = 0.0, 0, 0.0
         with torch.no_grad():
             for ids, _ in rows:
                 x = torch.tensor([ids])
@@ -83,6 +84,7 @@ def decode(model, rows, stop, max_new: int, repeats: int) -> dict:
                 before = steps[0]
                 _, fn = count_flops(lambda: model.generate(x, max_new, stop=stop))
                 flops += fn - f1
+                whole += fn
                 decoded += steps[0] - before
             model.take_decoding_stats()
             times, outcomes, stats, produced = [], [], None, 0
@@ -99,6 +101,7 @@ def decode(model, rows, stop, max_new: int, repeats: int) -> dict:
         model._decode_step = plain
     n = len(rows)
     return {"flops_per_token": flops / decoded if decoded else None, "decoding_steps": decoded,
+            "flops_per_answer": whole / n,
             "tokens_per_s": produced / statistics.median(times),
             "accuracy": outcomes.count("correct") / n, "abstention": outcomes.count("abstained") / n,
             "hallucination": outcomes.count("hallucinated") / n, "controller": stats or None}
@@ -145,6 +148,7 @@ def main() -> None:
             "figure": {"flops_ratio": on["flops_per_token"] / off["flops_per_token"]
                        if on["flops_per_token"] and off["flops_per_token"] else None,
                        "speed_ratio": on["tokens_per_s"] / off["tokens_per_s"],
+                       "answer_flops_ratio": on["flops_per_answer"] / off["flops_per_answer"],
                        "accuracy_change": on["accuracy"] - off["accuracy"]},
             "reference": "the same weights with controller=off (every gate full), same prompts, measured in this run",
         }, indent=2))
