@@ -12,7 +12,7 @@ Prints one JSON object:
   batch, best of 3), hrm/dense ratios;
 - greedy decoding tokens/s (batch 1, 64-token prompt, 64 new tokens): hrm-codegen with its
   per-call KV cache and with full recomputation (same tokens), and dense-llama with its cache;
-- memory: the resident set's rise during one training step (hmst_bench_hrm_codegen.memory) at 2
+- memory: the resident set's rise during one training step (hmst_bench.memory_probe) at 2
   and 8 H cycles with the one-step gradient and with full BPTT, and their ratios.
 
     python benchmarks/hrm.py [--size tiny] [--budget 2e12] [--memory-batch 4]
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from hmst_bench.plugins import get_registry
-    from hmst_bench_hrm_codegen.memory import training_peak_bytes
+    from hmst_bench.memory_probe import training_peak_bytes
 
     result: dict = {"size": args.size, "budget": args.budget}
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,7 +140,7 @@ def main() -> None:
     mib = {}
     for bptt in (False, True):
         for cycles in (2, 8):
-            peak = training_peak_bytes({**config, "h_cycles": cycles, "full_bptt": bptt},
+            peak = training_peak_bytes("hrm-codegen", {**config, "h_cycles": cycles, "full_bptt": bptt},
                                        batch=args.memory_batch, seq_len=config["max_seq_len"])
             mib[f"{'bptt' if bptt else 'one_step'}_{cycles}"] = round(peak / 2**20, 1)
     result["peak_memory_mib"] = {

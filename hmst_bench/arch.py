@@ -64,6 +64,13 @@ class ArchSpec:
     stage_config  optional stage_config(stage) -> {field: value}: config changes a later stage
                   makes when it starts from the earlier one (HMST's stage 2 turns its memory
                   on); applied before `--set`, so the user's values win
+    check_sets    optional check_sets(tokenizer) -> {field: value}: what the default config
+                  lacks to build on its own, for `hmst-bench check` and the contract tests
+                  (hrm-lora's pretrained base: a tiny random one it saves for that tokenizer)
+    base_from_run optional base_from_run(RUN path) -> {field: value}: lets `--init-from RUN` of
+                  another architecture's run start this one on RUN as a pretrained base
+                  (hrm-lora: base = RUN/hf); RUN's tokenizer, corpus and size carry over, its
+                  weights are not loaded into this model
     """
 
     name: str
@@ -74,6 +81,8 @@ class ArchSpec:
     stage_runner: Optional[Callable[[Any], None]] = None
     stages: Sequence[str] = ()
     stage_config: Optional[Callable[[str], Mapping[str, Any]]] = None
+    check_sets: Optional[Callable[[Any], Mapping[str, Any]]] = None
+    base_from_run: Optional[Callable[[Any], Mapping[str, Any]]] = None
     distribution: str = field(default="", compare=False)  # filled in by the registry
 
     def __post_init__(self) -> None:

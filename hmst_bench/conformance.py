@@ -243,5 +243,7 @@ def arch_subject(spec, size: str = "micro", sets: Optional[dict] = None, stage: 
     config = spec.make_config(size, values)
     corpus = load_corpus("synthetic-facts")
     tok = train_tokenizer(corpus.split["train"], min(config.vocab_size, 512), cache_key=corpus.fingerprint)
+    if spec.check_sets is not None:  # what the architecture needs beyond its defaults; the user's values win
+        config = spec.make_config(size, {**dict(spec.check_sets(tok)), **values})
     config = dataclasses.replace(config, vocab_size=len(tok), max_seq_len=seq_len)
     return Subject(build=lambda: spec.build(config, tok), vocab=len(tok), dtype=dtype)

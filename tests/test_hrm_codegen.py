@@ -458,13 +458,13 @@ def test_interrupted_deep_supervision_resumes_exactly(toy_corpus, tmp_path):
 
 
 def test_peak_memory_is_the_same_at_2_and_8_cycles():
-    """The resident set's rise during a training step, measured by the OS (see memory.py):
+    """The resident set's rise during a training step, measured by the OS (see hmst_bench/memory_probe.py):
     one-step gradient equal at 2 and 8 H cycles; full BPTT visibly larger already at 2."""
-    from hmst_bench_hrm_codegen.memory import training_peak_bytes
+    from hmst_bench.memory_probe import training_peak_bytes
 
     base = dict(vocab_size=1024, max_seq_len=256, d_model=256, n_heads=4, h_layers=1, l_layers=1, l_cycles=2, segments=1)
-    two, eight = (training_peak_bytes({**base, "h_cycles": c}, batch=4, seq_len=256) for c in (2, 8))
-    bptt = training_peak_bytes({**base, "h_cycles": 2, "full_bptt": True}, batch=4, seq_len=256)
+    two, eight = (training_peak_bytes("hrm-codegen", {**base, "h_cycles": c}, batch=4, seq_len=256) for c in (2, 8))
+    bptt = training_peak_bytes("hrm-codegen", {**base, "h_cycles": 2, "full_bptt": True}, batch=4, seq_len=256)
     assert two > 16 * 2**20
     assert eight == pytest.approx(two, rel=0.05)
     assert bptt > 1.5 * two

@@ -1,7 +1,8 @@
 """`train(settings)`: from a `hmst-bench train` command line to a finished run directory.
 
     resolve arch, size, config and recipe (for --resume: from run.json, refusing any change)
-    (--init-from RUN: arch, size and config from RUN, a new run starting from its final weights)
+    (--init-from RUN: arch, size and config from RUN, a new run starting from its final weights;
+     or, for an architecture that declares `base_from_run`, RUN as its pretrained base)
     -> tokenizer (trained on the corpus, or reused from --tokenizer RUN or --init-from RUN)
     -> packed token data (or masked prompt/completion rows for an example corpus)
     -> build the model under the seed -> accelerate (devices, DDP, mixed precision)
@@ -136,8 +137,10 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
         "stage": settings.stage or (recorded or init or {}).get("stage") or (spec.stages[0] if spec.stages else None),
         "init_from": (recorded or {}).get("init_from") or (init and {
             "run": str(Path(settings.init_from).resolve()), "arch": init["arch"], "config_hash": init.get("config_hash"),
-            "achieved_flops": init.get("achieved_flops"), "corpus_spec": init.get("corpus_spec")}),
+            "achieved_flops": init.get("achieved_flops"), "corpus_spec": init.get("corpus_spec"),
+            "as_base": init["arch"] != spec.name}),
     }
+    as_base = bool(init is not None and choices["init_from"]["as_base"])  # RUN is this model's pretrained base
     if previous is not None and choices["size"] != previous["size"]:
         raise TrainError(f"{out} was trained at --size {previous['size']}; a later stage keeps the size")
     if not choices["budget"]:
@@ -148,7 +151,10 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
         raise TrainError(f"{arch} trains in a single stage; drop --stage")
 
     try:
-        if previous is not None or init is not None:  # start from the earlier stage's (RUN's) config, plus --set
+        if as_base:
+            config = spec.make_config(choices["size"], {**spec.base_from_run(Path(settings.init_from).resolve()),
+                                                         **settings.overrides})
+        elif previous is not None or init is not None:  # start from the earlier stage's (RUN's) config, plus --set
             changes = dict(spec.stage_config(choices["stage"]) or {}) if previous is not None and spec.stage_config else {}
             config = _replace(config_from_dict(spec.config_cls, (previous or init)["config"]), **{**changes, **settings.overrides})
         elif recorded is not None and not settings.overrides and settings.size is None:
@@ -210,7 +216,7 @@ def _init_from(settings: TrainSettings, registry) -> dict:
             name = registry.arch(settings.arch).name
         except ArchitectureNotFound as exc:
             raise TrainError(str(exc)) from None
-        if name != init.get("arch"):
+        if name != init.get("arch") and registry.arch(settings.arch).base_from_run is None:
             raise TrainError(f"{run} is a {init.get('arch')} run; --init-from keeps its architecture: drop --arch {settings.arch}")
     if settings.size is not None and settings.size != init.get("size"):
         raise TrainError(f"{run} was trained at --size {init.get('size')}; --init-from keeps its size: drop --size {settings.size}")
@@ -508,7 +514,7 @@ def _train(settings: TrainSettings, progress: Optional[Callable[[TrainContext], 
         except rundir.RunError as exc:
             raise TrainError(f"cannot start stage {choices['stage']} from the earlier stage: {exc}") from None
         model.load_artifacts(out)
-    elif not resuming and choices["init_from"]:
+    elif not resuming and choices["init_from"] and not choices["init_from"].get("as_base"):
         _load_init(model, Path(choices["init_from"]["run"]))
     elif not resuming:
         model.prepare(data.train)  # state derived from the training data, e.g. a Huffman tree
