@@ -167,3 +167,62 @@ def test_every_shipped_claim_file_plans(bench_home, tmp_path):
     for claim in claims:
         proc = run_cli("experiment", "run", str(claim), "--dry-run", env=cli_env(tmp_path))
         assert "total training compute" in proc.stderr and "measured probe steps" in proc.stderr, claim.name
+
+
+BASED = """
+name = "based"
+baseline = "lora"
+corpus = "synthetic-facts"
+seq_len = 32
+size = "micro"
+budgets = ["2e9"]
+seeds = [0]
+
+[training]
+batch_size = 4
+
+[base]
+arch = "dense-llama"
+budget = "3e9"
+
+[[archs]]
+arch = "lora"
+from_base = true
+
+[[archs]]
+arch = "hrm-lora"
+from_base = true
+"""
+
+
+def test_a_pretrained_base_is_trained_once_and_every_from_base_run_starts_from_it(tmp_path):
+    env = cli_env(tmp_path)
+    file = write(tmp_path, BASED)
+    plan = run_cli("experiment", "run", str(file), "--dry-run", env=env)
+    assert "train the base" in plan.stderr and "probed (budgets checked" in plan.stderr
+    run_cli("experiment", "run", str(file), "--out", str(tmp_path / "results"), env=env)
+    root = tmp_path / "runs" / "based"
+    base = json.loads((root / "base" / "run.json").read_text())
+    assert base["status"] == "complete" and not (root / "base" / "eval").exists()  # trained, never compared
+    for label in ("lora", "hrm-lora"):
+        info = json.loads((root / label / "2e9-s0" / "run.json").read_text())
+        assert info["status"] == "complete" and info["init_from"]["run"] == str((root / "base").resolve())
+        assert info["config"]["base"] == str((root / "base" / "hf").resolve())
+        assert info["tokenizer"]["hash"] == base["tokenizer"]["hash"]
+    assert "**hrm-lora**" in (tmp_path / "results" / "README.md").read_text()
+    again = run_cli("experiment", "run", str(file), "--dry-run", env=env)
+    assert "train the base" not in again.stderr and "probed (budgets" not in again.stderr and "0 of 3 runs" not in again.stderr
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace("[base]\narch = \"dense-llama\"\nbudget = \"3e9\"\n", ""), "has from_base = true but the file has no [base]"),
+    (lambda t: t.replace("arch = \"hrm-lora\"\nfrom_base = true", "arch = \"hrm-lora\"\nfrom_base = true\nsize = \"tiny\""),
+     "drop its size"),
+    (lambda t: t.replace("arch = \"lora\"\nfrom_base = true", "arch = \"dense-gpt2\"\nlabel = \"lora\"\nfrom_base = true"),
+     "cannot start from a dense-llama base"),
+])
+def test_base_mistakes_are_one_line(tmp_path, edit, expected):
+    from tests.conftest import one_line_error
+
+    file = write(tmp_path, edit(BASED))
+    assert expected in one_line_error(run_cli("experiment", "run", str(file), "--dry-run", env=cli_env(tmp_path), check=False))

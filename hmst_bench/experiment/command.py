@@ -4,6 +4,7 @@ write the report. Errors are ExperimentError / CompareError (one line each)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -32,6 +33,17 @@ def run_experiment(file: Path, jobs: int, executor: str, dry_run: bool, out: Opt
         return 0
     execute.write_experiment_json(plan)
     outcomes = []
+    if plan.base is not None and plan.base.steps:  # the pretrained base first: every from_base run starts from it
+        base_plan = dataclasses.replace(plan, runs=[plan.base])
+        with _Board(base_plan, console) as board:
+            first = execute.run_jobs(base_plan, 1, executor, board.update)
+        if any(o.status != "done" for o in first):
+            o = first[0]
+            console.print(f"[red]failed[/]: the base (exit {o.code}): {o.message} (log: {o.run.log})", highlight=False,
+                          soft_wrap=True)
+            return 1
+        with console.status("probing the architectures that start from the base"):
+            plan = planning.make_plan(exp, registry, root, probe=True)
     if plan.pending:
         started = time.time()
         with _Board(plan, console) as board:
@@ -58,7 +70,7 @@ def show_plan(plan, jobs: int, console: Console) -> None:
     table = Table(title=f"experiment {exp.name}: {len(plan.runs)} runs, baseline {exp.baseline}")
     for col in ("run", "FLOPs", "est. train time", "to do"):
         table.add_column(col, justify="right" if col in ("FLOPs", "est. train time") else "left")
-    for r in plan.runs:
+    for r in ([plan.base] if plan.base is not None else []) + plan.runs:
         todo = ", ".join(s.what for s in r.steps) or "[green]done[/]"
         table.add_row(r.key, _g(r.flops) if r.flops else "-", _dur(r.seconds) if r.steps and r.seconds else "-", todo)
     console.print(table)
@@ -70,6 +82,10 @@ def show_plan(plan, jobs: int, console: Console) -> None:
     console.print(f"total training compute {_g(total)} FLOPs; {len(plan.pending)} of {len(plan.runs)} runs have work left; "
                   f"estimated training wall time {_dur(est)} at {jobs} job(s) at once (evaluation not included)"
                   + (f"\nmeasured probe steps: {probes}" if probes else ""), highlight=False, soft_wrap=True)
+    unprobed = [e.label for e in exp.archs if e.from_base and e.label not in plan.probes] if plan.base and plan.base.steps else []
+    if unprobed:
+        console.print(f"[yellow]note[/]: {', '.join(unprobed)} start from the base and are probed (budgets checked, "
+                      "time estimated) once it is trained", highlight=False)
     for name, why in plan.skipped_suites:
         console.print(f"[yellow]note[/]: suite {name} skipped: {why}", highlight=False)
 

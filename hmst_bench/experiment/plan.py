@@ -63,6 +63,7 @@ class Plan:
     suites: list  # SuiteEntry kept (data present)
     skipped_suites: list  # (name, reason): optional suites without data
     probes: dict  # label -> probe record
+    base: Optional[RunPlan] = None  # the experiment's pretrained base, trained before the runs
 
     @property
     def pending(self) -> list:
@@ -83,6 +84,9 @@ def make_plan(exp: Experiment, registry, root: Path, probe: bool = True) -> Plan
     suites, skipped = _check_suites(exp, registry)
     root = Path(root)
     tok_dir = root / "tokenizer"
+    base = _base_plan(exp, registry, root, tok_dir) if exp.base else None
+    if base is not None:
+        specs = {**specs, "base": registry.arch(exp.base.arch)}  # "base" is no [[archs]] label (spec.py refuses it)
     runs = []
     for entry in exp.archs:
         spec = specs[entry.label]
@@ -98,11 +102,36 @@ def make_plan(exp: Experiment, registry, root: Path, probe: bool = True) -> Plan
                               stage_budgets=stage_budgets, processes=entry.processes)
                 run.steps = _steps(exp, entry, run, suites, tok_dir)
                 runs.append(run)
-    plan = Plan(experiment=exp, root=root, runs=runs, suites=suites, skipped_suites=skipped, probes={})
-    if probe and any(s.kind == "train" for r in runs for s in r.steps):
-        tok = shared_tokenizer(exp, specs[exp.baseline], tok_dir)
+    plan = Plan(experiment=exp, root=root, runs=runs, suites=suites, skipped_suites=skipped, probes={}, base=base)
+    if probe and any(s.kind == "train" for r in runs + ([base] if base else []) for s in r.steps):
+        tok = shared_tokenizer(exp, specs["base"] if base is not None else specs[exp.baseline], tok_dir)
         _probe_all(plan, specs, tok)
     return plan
+
+
+def _base_plan(exp: Experiment, registry, root: Path, tok_dir: Path) -> RunPlan:
+    """The pretrained base's run (runs/<name>/base): trained like any run, never evaluated."""
+    from hmst_bench.plugins import ArchitectureNotFound
+
+    b = exp.base
+    try:
+        spec = registry.arch(b.arch)
+    except ArchitectureNotFound:
+        raise ExperimentError(f"{exp.path}: [base] arch {b.arch!r} is not registered; known: "
+                              f"{', '.join(sorted(registry.architectures()))}") from None
+    if b.size not in spec.sizes:
+        raise ExperimentError(f"{exp.path}: [base] {b.arch} has no size {b.size!r}; sizes: {', '.join(spec.sizes)}")
+    entry = ArchEntry(label="base", arch=b.arch, size=b.size)
+    run = RunPlan(label="base", arch=b.arch, budget=b.budget, seed=0, out=root / "base", log=root / "logs" / "base.log",
+                  stage_budgets=[(spec.stages[0] if spec.stages else None, b.budget)])
+    info = read_json(run.out / "run.json")
+    if info is not None:
+        _check_matches(info, entry, run, exp)
+    if info is None:
+        run.steps = [Step("train", _fresh_argv(exp, entry, run, b.budget, None, tok_dir), "train the base")]
+    elif info.get("status") != "complete":
+        run.steps = [Step("train", ["train", "--resume", "--out", str(run.out)], "resume the base")]
+    return run
 
 
 def _safe(text: str) -> str:
@@ -127,6 +156,9 @@ def _check_archs(exp: Experiment, registry) -> dict:
             spec.make_config(entry.size, _typed_sets(entry, spec))
         except (ConfigError, TypeError, ValueError) as exc:
             raise ExperimentError(f"{exp.path}: {entry.label}: {exc}") from None
+        if entry.from_base and entry.arch != exp.base.arch and spec.base_from_run is None:
+            raise ExperimentError(f"{exp.path}: {entry.label}: {entry.arch} cannot start from a {exp.base.arch} base "
+                                  "(only its own architecture, or one that declares base_from_run); drop from_base")
         specs[entry.label] = spec
     return specs
 
@@ -216,8 +248,12 @@ def _stage_name(stage: Optional[str]) -> str:
 
 
 def _fresh_argv(exp: Experiment, entry: ArchEntry, run: RunPlan, budget: str, stage, tok_dir: Path) -> list:
-    argv = ["train", "--arch", entry.arch, "--size", entry.size, "--budget", budget, "--seed", str(run.seed),
-            "--seq-len", str(exp.seq_len), "--corpus", exp.corpus, "--tokenizer", str(tok_dir), "--out", str(run.out)]
+    if entry.from_base:  # the base's size, window, corpus and tokenizer carry over
+        argv = ["train", "--arch", entry.arch, "--init-from", str(run.out.parent.parent / "base"), "--budget", budget,
+                "--seed", str(run.seed), "--out", str(run.out)]
+    else:
+        argv = ["train", "--arch", entry.arch, "--size", entry.size, "--budget", budget, "--seed", str(run.seed),
+                "--seq-len", str(exp.seq_len), "--corpus", exp.corpus, "--tokenizer", str(tok_dir), "--out", str(run.out)]
     for key, value in exp.training.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     for key, value in entry.sets.items():
@@ -330,15 +366,28 @@ def _probe_all(plan: Plan, specs: dict, tok) -> None:
     exp = plan.experiment
     cache_path = plan.root / "probe.json"
     cache = read_json(cache_path) or {}
+    base_done = plan.base is not None and not plan.base.steps
     for entry in exp.archs:
-        key = json.dumps([entry.arch, entry.size, entry.sets, exp.seq_len, exp.training, tokenizer_hash(tok)], sort_keys=True)
+        if entry.from_base and not base_done:
+            continue  # probed once the base exists (its weights are part of the model)
+        key = json.dumps([entry.arch, entry.size, entry.sets, exp.seq_len, exp.training, tokenizer_hash(tok),
+                          entry.from_base], sort_keys=True)
         if cache.get(entry.label, {}).get("key") != key:
-            cache[entry.label] = {"key": key, **probe_step(specs[entry.label], entry, exp, tok)}
+            cache[entry.label] = {"key": key, **probe_step(specs[entry.label], entry, exp, tok, plan.root / "base")}
         plan.probes[entry.label] = cache[entry.label]
+    if plan.base is not None:
+        b = ArchEntry(label="base", arch=exp.base.arch, size=exp.base.size)
+        key = json.dumps([b.arch, b.size, exp.seq_len, exp.training, tokenizer_hash(tok)], sort_keys=True)
+        if cache.get("base", {}).get("key") != key:
+            cache["base"] = {"key": key, **probe_step(specs["base"], b, exp, tok)}
+        plan.probes["base"] = cache["base"]
     atomic_write_json(cache_path, cache)
-    for run in plan.runs:
-        probe = plan.probes[run.label]
+    for run in plan.runs + ([plan.base] if plan.base is not None else []):
+        probe = plan.probes.get(run.label)
         b = parse_budget(run.budget)
+        if probe is None:  # starts from a base not trained yet: FLOPs known for a FLOPs budget, time not
+            run.flops = b.amount if b.kind == "flops" else 0.0
+            continue
         flops = b.amount if b.kind == "flops" else b.amount * probe["flops_per_token"]
         run.flops = flops
         run.seconds = flops / probe["flops_per_step"] * probe["seconds_per_step"]
@@ -356,9 +405,10 @@ def _probe_all(plan: Plan, specs: dict, tok) -> None:
                                   f"use budgets of {round_up(minimum)}{unit} or more")
 
 
-def probe_step(spec, entry: ArchEntry, exp: Experiment, tok) -> dict:
+def probe_step(spec, entry: ArchEntry, exp: Experiment, tok, base: Optional[Path] = None) -> dict:
     """Measured FLOPs of one training step (forward and backward, as the trainer counts them) and
-    its wall time on this machine (median of 3 after a warm-up), on a real batch of the corpus."""
+    its wall time on this machine (median of 3 after a warm-up), on a real batch of the corpus.
+    A `from_base` entry is built on the trained `base` run, as `train --init-from` builds it."""
     import time
 
     import torch
@@ -370,8 +420,10 @@ def probe_step(spec, entry: ArchEntry, exp: Experiment, tok) -> dict:
     from hmst_bench.train.context import LossModule, Recipe, make_optimizer
 
     # as the trainer does: replace() re-derives the fields that depend on these two
-    config = dataclasses.replace(spec.make_config(entry.size, _typed_sets(entry, spec)),
-                                 vocab_size=len(tok), max_seq_len=exp.seq_len)
+    sets = _typed_sets(entry, spec)
+    if entry.from_base and spec.base_from_run is not None:
+        sets = {**spec.base_from_run(base.resolve()), **sets}
+    config = dataclasses.replace(spec.make_config(entry.size, sets), vocab_size=len(tok), max_seq_len=exp.seq_len)
     recipe = Recipe(**{**exp.training, "seq_len": exp.seq_len, "seed": exp.seeds[0]})
     data = encode_corpus(load_corpus(exp.corpus), tok)
     with torch.random.fork_rng(devices=[]):

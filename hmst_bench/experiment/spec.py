@@ -12,9 +12,12 @@ the file. The format (docs/experiments.md has the full reference):
     seeds = [0]
     all_archs = false                  # true: also every registered architecture not listed, at `size`
     [training]                         # optional recipe: batch_size, grad_accum, lr, warmup, mixed_precision
+    [base]                             # optional: a pretrained base, trained once before the runs:
+    arch = "dense-llama"               #   arch, budget, size; runs of archs with from_base = true
+    budget = "3e13"                    #   start from it (`train --init-from runs/<name>/base`)
     [[archs]]                          # one entry per architecture (the same arch twice needs labels)
     arch = "hmst"                      # optional: label, size, set = {field = value}, processes,
-    stages = {"1" = 0.75, "2" = 0.25}  #   stages with each one's share of every budget
+    stages = {"1" = 0.75, "2" = 0.25}  #   stages with each one's share of every budget, from_base
     [suites.longctx]                   # optional: limit, num_fewshot, samples, k, temperature,
     limit = 20                         #   top_p, max_gen_toks, verify (factqa), metrics (reported), optional
 """
@@ -33,8 +36,9 @@ RECIPE_KEYS = {"batch_size": int, "grad_accum": int, "lr": float, "warmup": int,
 SUITE_KEYS = {"limit": int, "num_fewshot": int, "samples": int, "k": list, "temperature": float, "top_p": float,
               "max_gen_toks": int, "metrics": list, "optional": bool, "timeout": float, "verify": bool}
 TOP_KEYS = {"name", "description", "baseline", "corpus", "seq_len", "size", "budgets", "seeds", "vocab_size",
-            "training", "archs", "suites", "slurm", "all_archs"}
-ARCH_KEYS = {"arch", "label", "size", "set", "stages", "processes"}
+            "training", "archs", "suites", "slurm", "all_archs", "base"}
+ARCH_KEYS = {"arch", "label", "size", "set", "stages", "processes", "from_base"}
+BASE_KEYS = {"arch", "budget", "size"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -52,6 +56,17 @@ class ArchEntry:
     sets: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
     processes: int = 1
+    from_base: bool = False  # runs start from the experiment's pretrained base (train --init-from)
+
+
+@dataclass(frozen=True)
+class Base:
+    """The experiment's pretrained base: one run, trained before the others, that every
+    `from_base` architecture starts from. Its compute is shared and not part of the comparison."""
+
+    arch: str
+    budget: str
+    size: str
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class Experiment:
     slurm: dict = field(default_factory=dict)
     size: str = "tiny"
     all_archs: bool = False
+    base: Optional[Base] = None
 
     def arch(self, label: str) -> ArchEntry:
         return next(a for a in self.archs if a.label == label)
@@ -109,10 +125,17 @@ def parse(data: dict, path: Path, digest: str = "") -> Experiment:
     if not NAME_RE.match(name):
         raise ExperimentError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (it names folders)")
     size = _get(data, "size", str, where, "tiny")
-    archs = tuple(_arch(entry, i, size, where) for i, entry in enumerate(_get(data, "archs", list, where)))
+    base = _base(data["base"], size, where) if "base" in data else None
+    archs = tuple(_arch(entry, i, size, where, base.size if base else None)
+                  for i, entry in enumerate(_get(data, "archs", list, where)))
     if not archs:
         raise ExperimentError(f"{where}: [[archs]] is empty; list at least the baseline")
+    orphan = next((a.label for a in archs if a.from_base and base is None), None)
+    if orphan:
+        raise ExperimentError(f"{where}: {orphan} has from_base = true but the file has no [base]; add [base] with arch and budget")
     labels = [a.label for a in archs]
+    if "base" in labels and base is not None:
+        raise ExperimentError(f"{where}: the label 'base' names the pretrained base's folder; label that [[archs]] entry otherwise")
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ExperimentError(f"{where}: two [[archs]] entries are labelled {dupes[0]!r}; give each a distinct label")
@@ -150,7 +173,7 @@ def parse(data: dict, path: Path, digest: str = "") -> Experiment:
                       seq_len=seq_len, budgets=budgets, seeds=seeds, archs=archs, suites=suites, training=training,
                       vocab_size=vocab, description=_get(data, "description", str, where, ""),
                       slurm=dict(_get(data, "slurm", dict, where, {})), size=size,
-                      all_archs=_get(data, "all_archs", bool, where, False))
+                      all_archs=_get(data, "all_archs", bool, where, False), base=base)
 
 
 def with_all_archs(exp: Experiment, registry) -> Experiment:
@@ -164,7 +187,23 @@ def with_all_archs(exp: Experiment, registry) -> Experiment:
     return dataclasses.replace(exp, archs=exp.archs + extra)
 
 
-def _arch(entry: Any, index: int, size: str, where: str) -> ArchEntry:
+def _base(entry: Any, size: str, where: str) -> Base:
+    if not isinstance(entry, dict):
+        raise ExperimentError(f"{where}: [base] must be a table with arch and budget")
+    unknown = sorted(set(entry) - BASE_KEYS)
+    if unknown:
+        raise ExperimentError(f"{where}: [base] has unknown key {unknown[0]!r}; known: {', '.join(sorted(BASE_KEYS))}")
+    from hmst_bench.budget import BudgetError, parse_budget
+
+    budget = _get(entry, "budget", str, f"{where} [base]")
+    try:
+        parse_budget(budget)
+    except BudgetError as exc:
+        raise ExperimentError(f"{where}: [base] budget {budget!r}: {exc}") from None
+    return Base(arch=_get(entry, "arch", str, f"{where} [base]"), budget=budget, size=_get(entry, "size", str, where, size))
+
+
+def _arch(entry: Any, index: int, size: str, where: str, base_size: Optional[str] = None) -> ArchEntry:
     at = f"[[archs]] #{index + 1}"
     if not isinstance(entry, dict):
         raise ExperimentError(f"{where}: {at} must be a table with arch = \"NAME\"")
@@ -185,8 +224,11 @@ def _arch(entry: Any, index: int, size: str, where: str) -> ArchEntry:
     if processes < 1:
         raise ExperimentError(f"{where}: {at} processes must be at least 1")
     sets = _get(entry, "set", dict, f"{where} {at}", {})
-    return ArchEntry(label=label, arch=arch, size=_get(entry, "size", str, f"{where} {at}", size),
-                     sets=dict(sets), stages=stages, processes=processes)
+    from_base = _get(entry, "from_base", bool, f"{where} {at}", False)
+    if from_base and "size" in entry:
+        raise ExperimentError(f"{where}: {at} starts from the base, whose size it keeps; drop its size")
+    return ArchEntry(label=label, arch=arch, size=base_size if from_base and base_size else _get(entry, "size", str, f"{where} {at}", size),
+                     sets=dict(sets), stages=stages, processes=processes, from_base=from_base)
 
 
 def _suite(name: str, opts: Any, where: str) -> SuiteEntry:
