@@ -202,7 +202,8 @@ def test_eval_records_gate_rates_and_flops_per_token(runs, bench_home, tmp_path)
     run_cli("eval", "--run", str(runs.a), "--suite", "factqa", "--limit", "8", "--out", str(tmp_path / "ev"),
             env=_env(bench_home))
     decoding = json.loads((tmp_path / "ev" / "factqa.json").read_text())["provenance"]["decoding"]
-    assert decoding["controller"] == "on" and decoding["answers"] > 0
+    assert decoding["controller"] == "on" and decoding["answers"] == 8 * 6  # greedy and 5 samples per question
+    assert decoding["verify_decisions"] == 8  # only greedy answers are verified
     assert set(decoding["gate_rates"]) >= {"exit", "experts"}
     for rates in decoding["gate_rates"].values():
         assert sum(rates.values()) == pytest.approx(1.0)

@@ -473,6 +473,7 @@ class HMSTModel(SoftmaxLM):
         d["token_decisions"] = d.get("token_decisions", 0) + len(episode.latency)
         d["latency_sum"] = d.get("latency_sum", 0.0) + sum(episode.latency)
         d["compute_sum"] = d.get("compute_sum", 0.0) + sum(episode.compute)
+        d["verifiable"] = d.get("verifiable", 0) + int(("verify",) in episode.masks)  # had the decision
         d["verified"] = d.get("verified", 0) + int(episode.verified)
         d["abstained"] = d.get("abstained", 0) + int(episode.abstained)
         for choice in episode.choices:
@@ -482,8 +483,9 @@ class HMSTModel(SoftmaxLM):
 
     def take_decoding_stats(self) -> dict:
         """What the controller decided since the last call: answers, token decisions, the rate of
-        each gate's choices, the verification and abstention rates, and the measured FLOPs per
-        generated token (cost table) relative to the full model's and absolute."""
+        each gate's choices, how many answers had the verification decision (greedy ones) and
+        the share of those the critic checked, the share of answers withheld, and the FLOPs per
+        generated token from the cost table, relative to the full model's and absolute."""
         d, self._decoding = self._decoding, {}
         if not d:
             return {}
@@ -495,7 +497,8 @@ class HMSTModel(SoftmaxLM):
             per_gate.setdefault(gate, {})[value] = count
         rates = {g: {v: c / sum(vals.values()) for v, c in vals.items()} for g, vals in per_gate.items()}
         return {"controller": "on", "answers": d["answers"], "token_decisions": d["token_decisions"],
-                "gate_rates": rates, "verify_rate": d["verified"] / d["answers"],
+                "gate_rates": rates, "verify_decisions": d["verifiable"],
+                "verify_rate": d["verified"] / d["verifiable"] if d["verifiable"] else None,
                 "abstained_by_controller": d["abstained"] / d["answers"],
                 "latency": d["latency_sum"] / n if d["token_decisions"] else None,
                 "compute": d["compute_sum"] / n if d["token_decisions"] else None,
