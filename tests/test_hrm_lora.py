@@ -6,8 +6,8 @@ dense-llama and a dense-gpt2 run's RUN/hf (trained here for seconds) and a tiny 
 
 - LoRA is really applied: at initialisation (B = 0) one cycle equals the base exactly, for each
   family; after one optimiser step the outputs change; only adapter parameters get gradients;
-- the recurrence is causal after all cycles, and the one-step gradient builds a graph only for
-  the last low and high calls (`full_bptt` for all);
+- the recurrence is causal after all cycles, cached decoding (a cache per call) equals one pass,
+  and the one-step gradient builds a graph only for the last low and high calls (`full_bptt` for all);
 - through the CLI: `--init-from` a dense run with no other flag, training writes the adapters in
   PEFT's format (round trip through `PeftModel.from_pretrained`), never the base (its folder
   byte-identical), resumes exactly, and `eval` reads the run;
@@ -120,6 +120,22 @@ def test_one_step_gradient_builds_a_graph_only_for_the_last_calls(bases, monkeyp
     model.loss({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})[0].backward()
     assert [n for n, _ in log] == ["L", "L", "H"] * 3
     assert [g for _, g in log] == ([True] * 9 if full_bptt else [False] * 7 + [True, True])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
+def test_cached_decoding_equals_the_whole_text(bases, family):
+    """Each call of the recurrence keeps its own cache: a prefill then one token at a time gives
+    the log-probs of one pass over the whole text, at every position."""
+    model = _build(bases[family], h_cycles=2, l_cycles=3).eval()
+    ids = _ids(t=14)
+    with torch.no_grad():
+        whole = torch.log_softmax(model.logits(ids).float(), dim=-1)
+        logprobs, state = model.decode_step(ids[:, :6], None)
+        steps = [logprobs]
+        for t in range(6, 14):
+            logprobs, state = model.decode_step(ids[:, t : t + 1], state)
+            steps.append(logprobs)
+    torch.testing.assert_close(torch.stack(steps, dim=1), whole[:, 5:], atol=1e-5, rtol=1e-5)
 
 
 def _digest(folder) -> dict:

@@ -35,7 +35,7 @@ class Family:
     attention: tuple  # module names inside a block for LoRA on attention
     ffn: tuple  # ... and on the feed-forward layers
     embed: Callable  # (model, ids, positions [1, T]) -> x [B, T, d]
-    call_args: Callable  # (model, x, positions) -> kwargs for every block call
+    call_args: Callable  # (model, x, positions, cache or None) -> kwargs for every block call
     run_block: Callable  # (block, h, kwargs) -> h
     head: Callable  # (model, h) -> logits
     fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights transposed
@@ -47,15 +47,16 @@ class Family:
         return [f"{self.prefix}.{i}.{n}" for i in blocks for n in names]
 
 
-def _causal_mask(model, x, positions):
+def _causal_mask(model, x, positions, cache):
+    """transformers' own mask for these positions after what `cache` holds (None: causal inside x)."""
     from transformers.masking_utils import create_causal_mask
 
-    return create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None,
+    return create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=cache,
                               position_ids=positions)
 
 
-def _llama_args(model, x, positions) -> dict:
-    return {"attention_mask": _causal_mask(model, x, positions), "position_ids": positions,
+def _llama_args(model, x, positions, cache) -> dict:
+    return {"attention_mask": _causal_mask(model, x, positions, cache), "position_ids": positions,
             "position_embeddings": model.model.rotary_emb(x, position_ids=positions)}
 
 
@@ -65,18 +66,18 @@ def _gpt2_embed(model, ids, positions):
 
 
 def _gpt2_block(block, h, kw):
-    return block(h, None, kw["attention_mask"], position_ids=kw["position_ids"])
+    return block(h, kw.get("cache"), kw["attention_mask"], position_ids=kw["position_ids"], use_cache=kw.get("cache") is not None)
 
 
 LLAMA = Family("llama", lambda m: m.model.layers, "model.layers",
                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
                ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
                lambda m, ids, pos: m.model.embed_tokens(ids), _llama_args,
-               lambda block, h, kw: block(h, **kw),
+               lambda block, h, kw: block(h, use_cache=kw.get("cache") is not None, **kw),
                lambda m, h: m.lm_head(m.model.norm(h)))
 GPT2 = Family("gpt2", lambda m: m.transformer.h, "transformer.h", ("attn.c_attn", "attn.c_proj"),
               ("mlp.c_fc", "mlp.c_proj"), _gpt2_embed,
-              lambda m, x, pos: {"attention_mask": _causal_mask(m, x, pos), "position_ids": pos}, _gpt2_block,
+              lambda m, x, pos, cache: {"attention_mask": _causal_mask(m, x, pos, cache), "position_ids": pos}, _gpt2_block,
               lambda m, h: m.lm_head(m.transformer.ln_f(h)), fan_in_fan_out=True)
 
 

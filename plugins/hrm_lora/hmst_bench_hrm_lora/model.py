@@ -20,8 +20,8 @@ call runs under `torch.no_grad()`, so training memory does not grow with the cyc
 `lora` (the plain baseline) is the same model with one cycle of each: the same adapters on the
 same modules of the same base, trained on the same data, without the recurrence.
 
-Only adapter parameters train; the base is frozen and its files are only read. Generation
-re-reads the window for every token (no KV cache yet: each cycle's calls would need their own).
+Only adapter parameters train; the base is frozen and its files are only read. Decoding is
+KV-cached and exact: each call of the recurrence keeps its own transformers cache.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def load_base(path: str):
 
 
 class HRMLoRA(SoftmaxLM):
-    kv_cache = False
+    kv_cache = True
+    kv_cache_pads = False
 
     def __init__(self, config, tokenizer=None):
         from peft import LoraConfig, get_peft_model
@@ -106,12 +107,20 @@ class HRMLoRA(SoftmaxLM):
     def cycles(self) -> tuple[int, int]:
         return getattr(self.config, "h_cycles", 1), getattr(self.config, "l_cycles", 1)
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """z_H [B, T, d] after the recurrence (see the module docstring)."""
+    def hidden(self, input_ids: torch.Tensor, start: int = 0, caches: Optional[list] = None) -> torch.Tensor:
+        """z_H [B, T, d] after the recurrence (see the module docstring) for tokens at positions
+        start.. . `caches`: one transformers cache per call of the recurrence (decoding), each
+        holding that call's keys and values of the earlier positions; None: a whole text."""
         base, fam = self.base, self.family
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
         x = fam.embed(base, input_ids, positions)
-        kwargs = fam.call_args(base, x, positions)
+        # every call's cache holds the same positions, so one mask serves them all
+        kwargs = fam.call_args(base, x, positions, None if caches is None else caches[0])
+        calls = iter(caches) if caches is not None else None
+
+        def run(h, blocks):
+            return run_blocks(fam, base, h, blocks, kwargs if calls is None else {**kwargs, "cache": next(calls)})
+
         z_l = torch.zeros_like(x)
         z_h = torch.zeros_like(x)
         h_cycles, l_cycles = self.cycles()
@@ -120,10 +129,25 @@ class HRMLoRA(SoftmaxLM):
             for j in range(l_cycles):
                 last = i == h_cycles - 1 and j == l_cycles - 1
                 with nullcontext() if full or last else torch.no_grad():
-                    z_l = run_blocks(fam, base, z_l + z_h + x, self.low_blocks, kwargs)
+                    z_l = run(z_l + z_h + x, self.low_blocks)
             with nullcontext() if full or i == h_cycles - 1 else torch.no_grad():
-                z_h = run_blocks(fam, base, z_h + z_l, self.high_blocks, kwargs)
+                z_h = run(z_h + z_l, self.high_blocks)
         return z_h
+
+    def decode_step(self, new_tokens: torch.Tensor, state, pad: Optional[torch.Tensor] = None):
+        """Exact KV-cached step: every call of the recurrence keeps its own cache (each is
+        causal, so a new token changes no earlier position's state in any call). Rows are not
+        padded (`kv_cache_pads` is False: the shared generation batches prompts of one length)."""
+        from transformers import DynamicCache
+
+        if pad is not None and bool(pad.any()):
+            raise ValueError("hrm-lora decodes unpadded rows only (kv_cache_pads is False)")
+        if state is None:
+            h_cycles, l_cycles = self.cycles()
+            state = {"caches": [DynamicCache(config=self.base.config) for _ in range(h_cycles * (l_cycles + 1))], "pos": 0}
+        h = self.hidden(new_tokens, state["pos"], state["caches"])
+        logits = self.family.head(self.base, h[:, -1:])[..., : self.config.vocab_size]
+        return torch.log_softmax(logits[:, -1].float(), dim=-1), {**state, "pos": state["pos"] + new_tokens.shape[1]}
 
     def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
         h = self.hidden(input_ids)
