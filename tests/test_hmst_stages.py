@@ -181,12 +181,12 @@ def test_refuses_an_earlier_stage_on_a_folder_at_stage_2(staged, bench_home):
 
 def test_refuses_an_unknown_stage_naming_the_stages(staged, bench_home, tmp_path):
     out = tmp_path / "new"
-    line = _refused(bench_home, *STAGE1, "--stage", "3", "--out", str(out))
-    assert "hmst has stages 1, 2" in line and "--stage 3 is not one of them" in line
+    line = _refused(bench_home, *STAGE1, "--stage", "4", "--out", str(out))
+    assert "hmst has stages 1, 2, critic, 3" in line and "--stage 4 is not one of them" in line
     assert not out.exists()
     before = _snapshot(staged.a)  # the same on a folder that holds a run
-    line = _refused(bench_home, "--stage", "3", "--out", str(staged.a), "--budget", S2_BUDGET)
-    assert "hmst has stages 1, 2" in line and "--stage 3 is not one of them" in line
+    line = _refused(bench_home, "--stage", "4", "--out", str(staged.a), "--budget", S2_BUDGET)
+    assert "hmst has stages 1, 2, critic, 3" in line and "--stage 4 is not one of them" in line
     assert _snapshot(staged.a) == before
 
 

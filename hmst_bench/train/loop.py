@@ -138,9 +138,9 @@ def _resolve(settings: TrainSettings, registry) -> tuple[Any, dict, Any, Recipe,
         "init_from": (recorded or {}).get("init_from") or (init and {
             "run": str(Path(settings.init_from).resolve()), "arch": init["arch"], "config_hash": init.get("config_hash"),
             "achieved_flops": init.get("achieved_flops"), "corpus_spec": init.get("corpus_spec"),
-            "as_base": init["arch"] != spec.name}),
+            **({"as_base": True} if init["arch"] != spec.name else {})}),
     }
-    as_base = bool(init is not None and choices["init_from"]["as_base"])  # RUN is this model's pretrained base
+    as_base = bool(init is not None and choices["init_from"].get("as_base"))  # RUN is this model's pretrained base
     if previous is not None and choices["size"] != previous["size"]:
         raise TrainError(f"{out} was trained at --size {previous['size']}; a later stage keeps the size")
     if not choices["budget"]:

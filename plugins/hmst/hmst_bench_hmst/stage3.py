@@ -157,6 +157,7 @@ def _rollout(ctx: TrainContext, queries: Queries) -> tuple[list, list]:
     from hmst_bench.train.rundir import Run
 
     model = ctx.model
+    model.eval()  # the critic's dropout off: rollouts answer as evaluation does
     lm = HmstBenchLM(run=Run(ctx.run_dir, model, ctx.tokenizer, ctx.spec, {}, ctx.config), device=str(ctx.accelerator.device),
                      batch_size=1, progress=False)
     gen = hallucination.GREEDY_GENERATION
