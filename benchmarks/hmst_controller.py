@@ -135,7 +135,7 @@ def main() -> None:
             model.config.controller = mode
             result[mode] = decode(model, rows, stop, max_new, args.repeats)
         costs = model.costs()
-        full = costs.step[max(costs.step)]
+        full = costs.full_step
         on, off = result["on"], result["off"]
         ppo = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "ppo"' in line]
         print(json.dumps({

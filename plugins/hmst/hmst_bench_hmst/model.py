@@ -448,7 +448,7 @@ class HMSTModel(SoftmaxLM):
                                    None if token_generator is None else [token_generator])[0]
         finally:
             self._episode = None
-        self._keep_features([(h, lp) for h, lp in episode.trace], 0, list(prompt), answer)
+        self._keep_features(episode.trace, 0, list(prompt), answer)
         return episode.finish(list(prompt), answer, verify), episode
 
     def _controlled(self, input_ids, max_new_tokens, lengths, sampling, stop, generators) -> list[list[int]]:
@@ -489,8 +489,7 @@ class HMSTModel(SoftmaxLM):
         d, self._decoding = self._decoding, {}
         if not d:
             return {}
-        n, costs = max(1, d["token_decisions"]), self.costs()
-        full = costs.step[max(costs.step)]
+        n, full = max(1, d["token_decisions"]), self.costs().full_step
         per_gate: dict = {}
         for key, count in sorted(d.get("choices", {}).items()):
             gate, value = key.split("=")

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from hmst_bench_hmst.controller import N_STATE, gate_choices
-from hmst_bench_hmst.model import FULL, Gates
+from hmst_bench_hmst.model import Gates
 
 TOKEN_GATES = ("exit", "experts", "episodic", "semantic")
 MODES = ("sample", "greedy", "full")
@@ -82,7 +82,7 @@ class Costs:
     def latency(self, choice: dict, consulted: bool = True) -> float:
         """FLOPs of a step under `choice`, plus the controller's decision when it was consulted,
         over the full model's step."""
-        return (self.step[self.key(choice)] + (self.controller if consulted else 0.0)) / self.step[self._full]
+        return (self.step[self.key(choice)] + (self.controller if consulted else 0.0)) / self.full_step
 
     def compute_share(self, choice: dict) -> float:
         full = self.compute[self._full]
@@ -91,6 +91,11 @@ class Costs:
     @property
     def _full(self) -> tuple:
         return max(self.step)  # the highest choice of every gate is the full model's (see full_choice)
+
+    @property
+    def full_step(self) -> float:
+        """FLOPs of the full model's decoding step."""
+        return self.step[self._full]
 
     def as_dict(self) -> dict:
         return {"gates": list(self.gates), "controller": self.controller,
