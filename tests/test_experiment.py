@@ -99,12 +99,14 @@ def test_experiment_interrupted_resumed_idempotent_and_regenerated(tmp_path):
     assert "4 runs" in plan.stderr and "total training compute" in plan.stderr and "measured probe steps" in plan.stderr
     assert not (tmp_path / "runs" / "tiny" / "dense-llama").exists()
 
-    # interrupted once the first run has started training: it checkpoints and the command exits 130
+    # interrupted once the first run is done (the report then holds it) and the second has started:
+    # that one checkpoints and the command exits 130
     proc = subprocess.Popen([sys.executable, "-m", "hmst_bench.cli", "experiment", "run", str(file), "--out", str(results)],
                             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = tmp_path / "runs" / "tiny" / "dense-llama" / "6e8-s0"
+    second = tmp_path / "runs" / "tiny" / "dense-llama" / "1.2e9-s0"
     deadline = time.time() + 300
-    while not (first / "run.json").exists() and time.time() < deadline and proc.poll() is None:
+    while not (second / "run.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -112,6 +114,7 @@ def test_experiment_interrupted_resumed_idempotent_and_regenerated(tmp_path):
     assert "continue with: hmst-bench experiment run" in err
     runs = [p.parent for p in (tmp_path / "runs" / "tiny").glob("*/*/run.json")]
     assert all(json.loads((r / "run.json").read_text())["status"] != "complete" or r == first for r in runs)
+    assert [r["run"].endswith("6e8-s0") for r in json.loads((results / "manifest.json").read_text())["runs"]] == [True]
 
     # the second invocation finishes it, through submitit's local executor
     done = run_cli("experiment", "run", str(file), "--executor", "slurm", "--jobs", "2", "--out", str(results),
@@ -139,6 +142,23 @@ def test_experiment_interrupted_resumed_idempotent_and_regenerated(tmp_path):
         (copy / name).write_bytes(report[name])
     run_cli("compare", "--manifest", str(copy / "manifest.json"), env=env)
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == report
+
+    # a new machine with the committed report and no runs/: every run is recorded, nothing trains,
+    # and the report comes out the same
+    (tmp_path / "runs").rename(tmp_path / "old-runs")
+    dry = run_cli("experiment", "run", str(file), "--dry-run", "--out", str(results), env=env)
+    assert dry.stderr.count("recorded in the report") == 4 and "0 of 4 runs have work left" in dry.stderr
+    fresh = run_cli("experiment", "run", str(file), "--out", str(results), env=env)
+    assert "nothing to train or evaluate" in fresh.stderr
+    assert not (tmp_path / "runs" / "tiny" / "dense-llama").exists()
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == report
+
+    # an edited entry's records are not reused: its runs train again
+    edited = write(tmp_path, TINY.format(budgets='["6e8", "1.2e9"]', other="dense-gpt2")
+                   .replace('arch = "dense-gpt2"', 'arch = "dense-gpt2"\nset = { dropout = 0.1 }'))
+    dry = run_cli("experiment", "run", str(edited), "--dry-run", "--out", str(results), env=env)
+    assert "dense-gpt2 changed in" in dry.stderr and dry.stderr.count("recorded in the report") == 2, dry.stderr
+    assert "2 of 4 runs have work left" in dry.stderr
 
 
 def test_demo_is_the_shipped_experiment_file():

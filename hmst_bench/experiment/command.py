@@ -13,7 +13,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from hmst_bench.experiment import execute, plan as planning, spec
+from hmst_bench.experiment import execute, plan as planning, recorded as records, spec
 from hmst_bench.report.collect import CompareError
 
 
@@ -26,12 +26,22 @@ def run_experiment(file: Path, jobs: int, executor: str, dry_run: bool, out: Opt
     """Returns the exit status: 0, or 1 when a run failed (the report is still written)."""
     exp = spec.with_all_archs(spec.load(file), registry)
     root = runs_root(exp)
+    report = out or Path("results") / exp.name
+    recorded = records.load(report, exp)
     with console.status(f"planning {exp.name}: checking architectures and data, probing a training step of each"):
-        plan = planning.make_plan(exp, registry, root, probe=True)
+        plan = planning.make_plan(exp, registry, root, probe=True, recorded=recorded)
     show_plan(plan, jobs, console)
     if dry_run:
         return 0
     execute.write_experiment_json(plan)
+    command = f"hmst-bench experiment run {file}"
+
+    def refresh(outcome) -> None:  # each finished run joins the report at once: a killed study keeps it
+        if outcome.status == "done":
+            try:
+                report_experiment(plan, report, Console(quiet=True), command=command)
+            except CompareError as exc:
+                console.print(f"[yellow]note[/]: report not refreshed: {exc}", highlight=False, soft_wrap=True)
     outcomes = []
     if plan.base is not None and plan.base.steps:  # the pretrained base first: every from_base run starts from it
         base_plan = dataclasses.replace(plan, runs=[plan.base])
@@ -43,11 +53,11 @@ def run_experiment(file: Path, jobs: int, executor: str, dry_run: bool, out: Opt
                           soft_wrap=True)
             return 1
         with console.status("probing the architectures that start from the base"):
-            plan = planning.make_plan(exp, registry, root, probe=True)
+            plan = planning.make_plan(exp, registry, root, probe=True, recorded=recorded)
     if plan.pending:
         started = time.time()
         with _Board(plan, console) as board:
-            outcomes = execute.run_jobs(plan, jobs, executor, board.update)
+            outcomes = execute.run_jobs(plan, jobs, executor, board.update, on_done=refresh)
         failed = [o for o in outcomes if o.status != "done"]
         console.print(f"{len(outcomes) - len(failed)} of {len(outcomes)} runs finished in {time.time() - started:.0f} s",
                       highlight=False)
@@ -56,8 +66,7 @@ def run_experiment(file: Path, jobs: int, executor: str, dry_run: bool, out: Opt
                           soft_wrap=True)
     else:
         console.print("every run is complete and evaluated: nothing to train or evaluate", highlight=False)
-    report = out or Path("results") / exp.name
-    comp = report_experiment(plan, report, console, command=f"hmst-bench experiment run {file}")
+    comp = report_experiment(plan, report, console, command=command)
     if comp is not None:
         print_comparison(comp, report, console)
     return 1 if any(o.status != "done" for o in outcomes) else 0
@@ -71,7 +80,7 @@ def show_plan(plan, jobs: int, console: Console) -> None:
     for col in ("run", "FLOPs", "est. train time", "to do"):
         table.add_column(col, justify="right" if col in ("FLOPs", "est. train time") else "left")
     for r in ([plan.base] if plan.base is not None else []) + plan.runs:
-        todo = ", ".join(s.what for s in r.steps) or "[green]done[/]"
+        todo = ", ".join(s.what for s in r.steps) or ("[green]recorded[/] in the report" if r.recorded else "[green]done[/]")
         table.add_row(r.key, _g(r.flops) if r.flops else "-", _dur(r.seconds) if r.steps and r.seconds else "-", todo)
     console.print(table)
     total = sum(r.flops for r in plan.runs)
@@ -88,6 +97,10 @@ def show_plan(plan, jobs: int, console: Console) -> None:
                       "time estimated) once it is trained", highlight=False)
     for name, why in plan.skipped_suites:
         console.print(f"[yellow]note[/]: suite {name} skipped: {why}", highlight=False)
+    rec = plan.recorded
+    if rec is not None and rec.stale:
+        console.print(f"[yellow]note[/]: {', '.join(rec.stale)} changed in {exp.path} since {rec.folder} recorded "
+                      "their runs: those records are not reused, the runs train again", highlight=False, soft_wrap=True)
 
 
 def _g(x: float) -> str:
@@ -145,29 +158,38 @@ class _Board:
 
 
 def report_experiment(plan, out: Path, console: Console, command: str = ""):
-    """Compare the experiment's complete runs and write the report; None when none is complete."""
-    from hmst_bench.report.collect import collect
+    """Compare the experiment's complete runs (here, or recorded in the report) and write the
+    report; None when the baseline has none yet."""
+    from hmst_bench.report.collect import collect, comparability
     from hmst_bench.report.compare import compare
     from hmst_bench.report.write import write_report
 
-    complete, missing = [], []
+    complete, missing, recorded = [], [], set()
     for r in plan.runs:
         info = planning.read_json(r.out / "run.json")
+        if r.recorded:
+            recorded.add(records.key(r.label, r.budget, r.seed))
+            continue
         if not {st or "" for st, _ in r.stage_budgets} <= planning.done_stages(info):
             why = f"{info.get('status')} at stage {info.get('stage')}" if info else "not trained"
             missing.append({"label": r.label, "budget": r.budget, "seed": r.seed,
                             "why": f"{why}; log {r.log}" if r.log.exists() else why})
             continue
-        complete.append((r.label, r.out))
-    if not any(label == plan.experiment.baseline for label, _ in complete):
+        complete.append(r.out)
+    runs, items, mismatches = collect(complete) if complete else (None, None, [])
+    if recorded:
+        runs, items = records.merge(runs, items, plan.recorded, recorded)
+        mismatches = comparability(runs)
+        if mismatches:
+            raise CompareError(f"{mismatches[0]} (runs recorded in {out} against runs here); move that report away "
+                               "to retrain its runs")
+    if runs is None or not (runs["label"] == plan.experiment.baseline).any():
         console.print(f"[red]no report[/]: the baseline {plan.experiment.baseline} has no complete run yet", highlight=False)
         return None
-    complete = [out for _, out in complete]
-    runs, items, mismatches = collect(complete)
     meta = {"experiment": plan.experiment.name, "description": plan.experiment.description,
             "metrics_by_suite": {s.name: list(s.metrics) for s in plan.suites}, "mismatches": mismatches,
             "missing_runs": missing, "skipped_suites": [{"name": n, "reason": w} for n, w in plan.skipped_suites],
-            "command": command}
+            "command": command, "entry_digests": records.entry_digests(plan.experiment)}
     comp = compare(runs, items, plan.experiment.baseline, meta["metrics_by_suite"], mismatches)
     write_report(comp, items, out, meta)
     return comp

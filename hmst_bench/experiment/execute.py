@@ -119,9 +119,11 @@ def submitit_executor(plan: Plan):
     return executor
 
 
-def run_jobs(plan: Plan, jobs: int, executor: str, show: Callable[[dict], None]) -> list[Outcome]:
+def run_jobs(plan: Plan, jobs: int, executor: str, show: Callable[[dict], None],
+             on_done: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
     """Run every pending run, at most `jobs` at once; `show(states)` is called as states change
-    (label/budget/seed -> "queued" | "running" | "done" | "failed" | "interrupted")."""
+    (label/budget/seed -> "queued" | "running" | "done" | "failed" | "interrupted") and
+    `on_done(outcome)` as each job ends."""
     pending = list(plan.pending)
     states = {r.key: "queued" for r in pending}
     if executor == "local":
@@ -160,6 +162,8 @@ def run_jobs(plan: Plan, jobs: int, executor: str, show: Callable[[dict], None])
                 states[key] = status
                 outcomes.append(Outcome(run, status, code, time.time() - started, "" if code == 0 else last_line(run.log)))
                 show(states)
+                if on_done is not None:
+                    on_done(outcomes[-1])
             if stopping and not running:
                 break
     finally:

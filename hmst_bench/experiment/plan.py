@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from hmst_bench.experiment.recorded import Recorded, key as run_key
 from hmst_bench.experiment.spec import ExperimentError, Experiment, ArchEntry
 
 COST_FILE = "inference-cost.json"  # RUN/eval/<this>: FLOPs per generated token (hmst_bench.report.cost)
@@ -49,6 +50,7 @@ class RunPlan:
     steps: list = field(default_factory=list)
     flops: float = 0.0  # planned training FLOPs (the budget; tokens x FLOPs per token for a token budget)
     seconds: Optional[float] = None  # estimated training wall time, from the probe
+    recorded: bool = False  # done in the experiment's report, with no folder here (experiment/recorded.py)
 
     @property
     def key(self) -> str:
@@ -64,6 +66,7 @@ class Plan:
     skipped_suites: list  # (name, reason): optional suites without data
     probes: dict  # label -> probe record
     base: Optional[RunPlan] = None  # the experiment's pretrained base, trained before the runs
+    recorded: Optional[Recorded] = None  # runs done in the report folder (reused where no run folder is)
 
     @property
     def pending(self) -> list:
@@ -74,10 +77,11 @@ def budget_text(amount: float, kind: str) -> str:
     return f"{amount:.6g}" + ("tok" if kind == "tokens" else "")
 
 
-def make_plan(exp: Experiment, registry, root: Path, probe: bool = True) -> Plan:
+def make_plan(exp: Experiment, registry, root: Path, probe: bool = True, recorded: Optional[Recorded] = None) -> Plan:
     """Validate the experiment against the registry and the store, prepare the shared tokenizer,
     and list every run with its remaining steps. `probe`: measure each architecture's step
-    (needed to refuse budgets below one step and to estimate time; skipped when nothing trains)."""
+    (needed to refuse budgets below one step and to estimate time; skipped when nothing trains).
+    `recorded`: runs done in the report folder; one with no run folder here has nothing to do."""
     from hmst_bench.budget import parse_budget
 
     specs = _check_archs(exp, registry)
@@ -100,9 +104,14 @@ def make_plan(exp: Experiment, registry, root: Path, probe: bool = True) -> Plan
                 run = RunPlan(label=entry.label, arch=entry.arch, budget=budget, seed=seed, out=out,
                               log=root / "logs" / f"{entry.label}-{_safe(budget)}-s{seed}.log",
                               stage_budgets=stage_budgets, processes=entry.processes)
-                run.steps = _steps(exp, entry, run, suites, tok_dir)
+                run.recorded = (recorded is not None and run_key(run.label, budget, seed) in recorded.keys
+                                and not (out / "run.json").exists())
+                run.steps = [] if run.recorded else _steps(exp, entry, run, suites, tok_dir)
                 runs.append(run)
-    plan = Plan(experiment=exp, root=root, runs=runs, suites=suites, skipped_suites=skipped, probes={}, base=base)
+    if base is not None and not any(r.steps and exp.arch(r.label).from_base for r in runs):
+        base.steps = []  # every run that starts from it is done: the base is not needed (not even retrained)
+    plan = Plan(experiment=exp, root=root, runs=runs, suites=suites, skipped_suites=skipped, probes={}, base=base,
+                recorded=recorded)
     if probe and any(s.kind == "train" for r in runs + ([base] if base else []) for s in r.steps):
         tok = shared_tokenizer(exp, specs["base"] if base is not None else specs[exp.baseline], tok_dir)
         _probe_all(plan, specs, tok)
@@ -366,7 +375,7 @@ def _probe_all(plan: Plan, specs: dict, tok) -> None:
     exp = plan.experiment
     cache_path = plan.root / "probe.json"
     cache = read_json(cache_path) or {}
-    base_done = plan.base is not None and not plan.base.steps
+    base_done = plan.base is not None and bool(done_stages(read_json(plan.base.out / "run.json")))
     for entry in exp.archs:
         if entry.from_base and not base_done:
             continue  # probed once the base exists (its weights are part of the model)

@@ -206,6 +206,11 @@ def _label(runs) -> None:
                                       for a, s in zip(runs.loc[missing, "arch"], runs.loc[missing, "size"])]
 
 
+def comparability(runs) -> list[str]:
+    """What differs between runs that must agree (tokenizer, corpus, window), one line each."""
+    return _mismatches(runs, {})
+
+
 def _mismatches(runs, options: dict) -> list[str]:
     out = []
     for column, what in COMPARABLE.items():
