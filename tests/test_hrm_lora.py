@@ -122,11 +122,11 @@ def test_one_step_gradient_builds_a_graph_only_for_the_last_calls(bases, monkeyp
     assert [g for _, g in log] == ([True] * 9 if full_bptt else [False] * 7 + [True, True])
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
-def test_cached_decoding_equals_the_whole_text(bases, family):
-    """Each call of the recurrence keeps its own cache: a prefill then one token at a time gives
-    the log-probs of one pass over the whole text, at every position."""
-    model = _build(bases[family], h_cycles=2, l_cycles=3).eval()
+@pytest.mark.parametrize("family, segments", [("llama", 1), ("gpt2", 1), ("gemma", 1), ("llama", 2)])
+def test_cached_decoding_equals_the_whole_text(bases, family, segments):
+    """Each call of the recurrence (of every segment) keeps its own cache: a prefill then one token
+    at a time gives the log-probs of one pass over the whole text, at every position."""
+    model = _build(bases[family], h_cycles=2, l_cycles=3, segments=segments).eval()
     ids = _ids(t=14)
     with torch.no_grad():
         whole = torch.log_softmax(model.logits(ids).float(), dim=-1)
@@ -136,6 +136,59 @@ def test_cached_decoding_equals_the_whole_text(bases, family):
             logprobs, state = model.decode_step(ids[:, t : t + 1], state)
             steps.append(logprobs)
     torch.testing.assert_close(torch.stack(steps, dim=1), whole[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_segments_chain_from_zero_with_the_state_detached(bases):
+    """Inference with segments = 3 is three runner segments from carry_init, each from the state
+    the previous one left (what deep supervision trains, one segment per step); the Q-head exists
+    only with ACT and more than one segment, and says "continue" at first."""
+    model = _build(bases["llama"], h_cycles=2, l_cycles=2, segments=3).eval()
+    ids = _ids(t=10)
+    with torch.no_grad():
+        z_h, z_l = model.carry_init(ids)
+        assert not z_h.any() and z_h.shape == (*ids.shape, model.base.config.hidden_size)
+        for _ in range(3):
+            z_h, z_l = model.run_segment(ids, z_h, z_l)
+        torch.testing.assert_close(model.hidden(ids), z_h, atol=0, rtol=0)
+        one = _build(bases["llama"], h_cycles=2, l_cycles=2, segments=1).eval()
+        assert not torch.allclose(one.hidden(ids), z_h)  # the later segments change the result
+        q = model.q_logits(z_h, ids)
+    assert q.shape == (2, 2) and torch.equal(q, torch.full((2, 2), -5.0))
+    assert _build(bases["llama"], segments=2, act=False).q_head is None and _build(bases["llama"]).q_head is None
+
+
+def test_deep_supervision_trains_with_act_and_resumes_exactly(bases, bench_home, tmp_path):
+    """`--set segments=2` trains through the shared deep-supervision runner (hrm-codegen's): ACT's
+    Q losses and halting are logged, the Q-head is saved beside the adapters, and an interrupted
+    run resumes to the same bytes (the carried slots are in the checkpoint)."""
+    from hmst_bench.train.loop import TrainSettings, train
+
+    dense = bases["llama"].parent
+    env = {"HMST_BENCH_HOME": str(bench_home)}
+    args = ("--set", "segments=2", "--set", "halt_exploration_prob=0.5", "--budget", "3e10")
+    full = json.loads(run_cli("train", "--arch", "hrm-lora", "--init-from", str(dense), *args, "--save-every", "0",
+                              "--out", str(tmp_path / "A"), "--json", env=env).stdout)
+    assert full["status"] == "complete"
+    rows = [json.loads(line) for line in (tmp_path / "A" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "q_loss" in r]
+    assert steps and all(0 <= r["halted"] <= 1 for r in steps)
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "A" / "model.safetensors")
+    assert {"q_head.weight", "q_head.bias"} <= set(weights) and all("lora_" in k or "q_head" in k for k in weights)
+    out = tmp_path / "B"
+
+    def stop(ctx):
+        if ctx.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sets = {"segments": 2, "halt_exploration_prob": 0.5}
+    cut = train(TrainSettings(arch="hrm-lora", init_from=dense, budget="3e10", save_every=1, out=out, overrides=sets),
+                progress=stop)
+    assert cut["status"] == "interrupted"
+    resumed = json.loads(run_cli("train", "--resume", "--out", str(out), "--json", env=env).stdout)
+    assert resumed["steps"] == full["steps"] and resumed["final_train_loss"] == full["final_train_loss"]
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "A" / "model.safetensors").read_bytes()
 
 
 def _digest(folder) -> dict:

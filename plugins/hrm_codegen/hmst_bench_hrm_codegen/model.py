@@ -10,7 +10,7 @@ frozen vector each, broadcast over positions), a segment runs h_cycles times:
 
 and the head reads z_H. Inference runs `segments` segments in a row, each starting from the
 state the previous one left; training runs one segment per optimiser step with the state carried
-between steps (deep supervision, `deep_supervision.py`), where an optional Q-head (`q_logits`,
+between steps (deep supervision, `hmst_bench.train.deep_supervision`), where an optional Q-head (`q_logits`,
 pooled over positions) learns when a sequence may halt (ACT). One-step gradient (the reference's approximation): every call but the
 final L call and the final H call runs under `torch.no_grad()`, so activation memory does not grow
 with the cycles; `full_bptt=True` backpropagates through all of them. Every call is causal, so the
@@ -38,6 +38,7 @@ from torch import nn
 
 from hmst_bench.arch import IGNORE_INDEX
 from hmst_bench.modeling import Attention, SoftmaxLM, SwiGLU, new_caches, rope_at, rope_tables
+from hmst_bench.train.deep_supervision import pooled_q, segment_loss
 
 
 def trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
@@ -144,6 +145,15 @@ class HRMCodeGen(SoftmaxLM):
         """The fixed (z_H, z_L) every sequence starts from, broadcast to x's shape."""
         return self.H_init.to(x.dtype).expand_as(x), self.L_init.to(x.dtype).expand_as(x)
 
+    def carry_init(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deep-supervision runner's initial state of a batch (hmst_bench.train.deep_supervision)."""
+        like = torch.empty(*input_ids.shape, self.config.d_model, dtype=self.embed.weight.dtype, device=input_ids.device)
+        return self.initial_state(like)
+
+    def run_segment(self, input_ids: torch.Tensor, z_h: torch.Tensor, z_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, cos, sin = self.inputs(input_ids)
+        return self.segment(x, z_h, z_l, cos, sin)
+
     def segment(self, x: torch.Tensor, z_h: torch.Tensor, z_l: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, caches=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One segment from (z_h, z_l): h_cycles x {l_cycles L calls, one H call}. Every call but
@@ -182,12 +192,7 @@ class HRMCodeGen(SoftmaxLM):
         return F.linear(z_h, self.embed.weight) if self.lm_head is None else self.lm_head(z_h)
 
     def q_logits(self, z_h: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, 2] (halt, continue) logits from z_H averaged over each row's real tokens. Under a
-        causal mask position 0 has seen one token, so the reference's read of position 0 would
-        decide from the first token alone; the mean summarises the whole sequence."""
-        real = (input_ids != self.pad_id).unsqueeze(-1).to(z_h.dtype) if self.pad_id is not None else torch.ones_like(z_h[..., :1])
-        pooled = (z_h * real).sum(1) / real.sum(1).clamp_min(1)
-        return self.q_head(pooled).float()
+        return pooled_q(self.q_head, z_h, input_ids, self.pad_id)
 
     @staticmethod
     def _call_caches(store: list, layers: int, pad: Optional[torch.Tensor]):
@@ -225,32 +230,11 @@ class HRMCodeGen(SoftmaxLM):
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         """Without a carried state: the loss of the model as inference runs it (all segments).
-        With "z_h"/"z_l" in the batch (the deep-supervision runner): one segment from that state;
-        aux["state"] is the new detached state. With "steps" as well (segments already run per
-        row, ACT on): the Q-head losses are added, their target from one more segment (no grad)."""
-        ids, labels = batch["input_ids"], batch["labels"]
+        With "z_h"/"z_l" in the batch: one segment from that state, as the deep-supervision runner
+        trains (hmst_bench.train.deep_supervision.segment_loss, with ACT's Q losses)."""
         if "z_h" not in batch:
-            return self.lm_loss(self.raw_logits(ids), labels), {}
-        x, cos, sin = self.inputs(ids)
-        z_h, z_l = self.segment(x, batch["z_h"], batch["z_l"], cos, sin)
-        raw = self.head(z_h)
-        lm = self.lm_loss(raw, labels)
-        aux = {"state": (z_h.detach(), z_l.detach()), "lm_loss": lm.detach()}
-        if "steps" not in batch or self.q_head is None:
-            return lm, aux
-        q = self.q_logits(z_h, ids)
-        with torch.no_grad():
-            live = labels != IGNORE_INDEX
-            # "correct" is the segment's next-token accuracy on the row (the reference's exact
-            # match of a whole sequence is almost never reached by a language model)
-            accuracy = ((raw.argmax(-1) == labels) & live).sum(-1) / live.sum(-1).clamp_min(1)
-            next_q = self.q_logits(self.segment(x, z_h.detach(), z_l.detach(), cos, sin)[0], ids)
-            last = batch["steps"] + 1 >= self.config.segments
-            target = torch.sigmoid(torch.where(last, next_q[:, 0], next_q.max(-1).values))
-        q_halt_loss = F.binary_cross_entropy_with_logits(q[:, 0], accuracy.float())
-        q_continue_loss = F.binary_cross_entropy_with_logits(q[:, 1], target)
-        aux.update(q=q.detach(), q_halt_loss=q_halt_loss.detach(), q_continue_loss=q_continue_loss.detach())
-        return lm + self.config.q_loss_weight * (q_halt_loss + q_continue_loss), aux
+            return self.lm_loss(self.raw_logits(batch["input_ids"]), batch["labels"]), {}
+        return segment_loss(self, batch)
 
     def lm_loss(self, raw: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled positions (softmax or stablemax)."""

@@ -89,7 +89,7 @@ def _build(config, tokenizer):
 
 
 def _run_stage(ctx):
-    from hmst_bench_hrm_codegen.deep_supervision import run
+    from hmst_bench.train.deep_supervision import run
 
     run(ctx)
 

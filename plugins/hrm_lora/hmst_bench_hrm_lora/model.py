@@ -20,8 +20,13 @@ call runs under `torch.no_grad()`, so training memory does not grow with the cyc
 `lora` (the plain baseline) is the same model with one cycle of each: the same adapters on the
 same modules of the same base, trained on the same data, without the recurrence.
 
-Only adapter parameters train; the base is frozen and its files are only read. Decoding is
-KV-cached and exact: each call of the recurrence keeps its own transformers cache.
+Deep supervision and ACT (`segments` > 1): hmst_bench.train.deep_supervision, the runner
+hrm-codegen trains with. Each optimiser step runs one segment from the state its sequence carried
+from the previous step; a Q-head (`act`, pooled over the row) learns when a sequence may halt.
+Inference runs all `segments` segments, the state between them detached, from z = 0.
+
+Only adapter parameters (and the Q-head) train; the base is frozen and its files are only read.
+Decoding is KV-cached and exact: each call of the recurrence keeps its own transformers cache.
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from hmst_bench.arch import IGNORE_INDEX
 from hmst_bench.modeling import SoftmaxLM
+from hmst_bench.train.deep_supervision import pooled_q, segment_loss
 from hmst_bench_hrm_lora.families import FamilyError, family_of, run_blocks
 
 ADAPTERS_DIR = "adapters"  # RUN/adapters/<low|high>/: PEFT's adapter_config.json + adapter_model.safetensors
@@ -99,6 +108,11 @@ class HRMLoRA(SoftmaxLM):
         for name, p in self.peft.named_parameters():
             p.requires_grad_("lora_" in name)
         self.tokenizer = tokenizer
+        self.q_head = None
+        if getattr(config, "act", False) and getattr(config, "segments", 1) > 1:  # as hrm-codegen: "continue" at first
+            self.q_head = nn.Linear(base.config.hidden_size, 2)
+            nn.init.zeros_(self.q_head.weight)
+            nn.init.constant_(self.q_head.bias, -5.0)
 
     @property
     def base(self):
@@ -107,10 +121,9 @@ class HRMLoRA(SoftmaxLM):
     def cycles(self) -> tuple[int, int]:
         return getattr(self.config, "h_cycles", 1), getattr(self.config, "l_cycles", 1)
 
-    def hidden(self, input_ids: torch.Tensor, start: int = 0, caches: Optional[list] = None) -> torch.Tensor:
-        """z_H [B, T, d] after the recurrence (see the module docstring) for tokens at positions
-        start.. . `caches`: one transformers cache per call of the recurrence (decoding), each
-        holding that call's keys and values of the earlier positions; None: a whole text."""
+    def _prepare(self, input_ids: torch.Tensor, start: int = 0, caches: Optional[list] = None):
+        """(x, run): the base's input embedding of tokens at positions start.., and run(h, blocks)
+        applying a span of the base's blocks; with `caches` (decoding) each call takes the next."""
         base, fam = self.base, self.family
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
         x = fam.embed(base, input_ids, positions)
@@ -121,8 +134,11 @@ class HRMLoRA(SoftmaxLM):
         def run(h, blocks):
             return run_blocks(fam, base, h, blocks, kwargs if calls is None else {**kwargs, "cache": next(calls)})
 
-        z_l = torch.zeros_like(x)
-        z_h = torch.zeros_like(x)
+        return x, run
+
+    def _segment(self, x: torch.Tensor, z_h: torch.Tensor, z_l: torch.Tensor, run) -> tuple[torch.Tensor, torch.Tensor]:
+        """h_cycles x (l_cycles low calls, one high call) from (z_h, z_l); only the last low and the
+        last high call build a graph, unless full_bptt."""
         h_cycles, l_cycles = self.cycles()
         full = getattr(self.config, "full_bptt", False)
         for i in range(h_cycles):
@@ -132,7 +148,47 @@ class HRMLoRA(SoftmaxLM):
                     z_l = run(z_l + z_h + x, self.low_blocks)
             with nullcontext() if full or i == h_cycles - 1 else torch.no_grad():
                 z_h = run(z_h + z_l, self.high_blocks)
-        return z_h
+        return z_h, z_l
+
+    def segments(self) -> int:
+        return getattr(self.config, "segments", 1)
+
+    def hidden(self, input_ids: torch.Tensor, start: int = 0, caches: Optional[list] = None) -> torch.Tensor:
+        """z_H [B, T, d] after every segment of the recurrence (see the module docstring), from
+        z_L = z_H = 0, the state passed between segments detached as in training. `caches`: one
+        transformers cache per call of the recurrence (decoding); None: a whole text."""
+        x, run = self._prepare(input_ids, start, caches)
+        z_h, z_l = torch.zeros_like(x), torch.zeros_like(x)
+        with torch.no_grad():
+            for _ in range(self.segments() - 1):
+                z_h, z_l = self._segment(x, z_h, z_l, run)
+        return self._segment(x, z_h, z_l, run)[0]
+
+    # ------------------------------------------------------------------ deep supervision protocol
+
+    def carry_init(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_H = z_L = 0, the state every sequence starts from (so one segment of one cycle is the base)."""
+        weight = self.base.get_input_embeddings().weight
+        zeros = torch.zeros(*input_ids.shape, weight.shape[1], dtype=weight.dtype, device=input_ids.device)
+        return zeros, zeros.clone()
+
+    def run_segment(self, input_ids: torch.Tensor, z_h: torch.Tensor, z_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, run = self._prepare(input_ids)
+        return self._segment(x, z_h, z_l, run)
+
+    def head(self, z_h: torch.Tensor) -> torch.Tensor:
+        return self.family.head(self.base, z_h)[..., : self.config.vocab_size]
+
+    def lm_loss(self, raw: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(raw.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def q_logits(self, z_h: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return pooled_q(self.q_head, z_h, input_ids, getattr(self.tokenizer, "pad_token_id", None))
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        """The model as inference runs it, or with "z_h" in the batch one segment from that carried
+        state (the deep-supervision runner: hmst_bench.train.deep_supervision.segment_loss)."""
+        return segment_loss(self, batch) if "z_h" in batch else super().loss(batch)
 
     def decode_step(self, new_tokens: torch.Tensor, state, pad: Optional[torch.Tensor] = None):
         """Exact KV-cached step: every call of the recurrence keeps its own cache (each is
@@ -144,14 +200,14 @@ class HRMLoRA(SoftmaxLM):
             raise ValueError("hrm-lora decodes unpadded rows only (kv_cache_pads is False)")
         if state is None:
             h_cycles, l_cycles = self.cycles()
-            state = {"caches": [DynamicCache(config=self.base.config) for _ in range(h_cycles * (l_cycles + 1))], "pos": 0}
-        h = self.hidden(new_tokens, state["pos"], state["caches"])
-        logits = self.family.head(self.base, h[:, -1:])[..., : self.config.vocab_size]
+            calls = self.segments() * h_cycles * (l_cycles + 1)
+            state = {"caches": [DynamicCache(config=self.base.config) for _ in range(calls)], "pos": 0}
+        logits = self.head(self.hidden(new_tokens, state["pos"], state["caches"])[:, -1:])
         return torch.log_softmax(logits[:, -1].float(), dim=-1), {**state, "pos": state["pos"] + new_tokens.shape[1]}
 
     def logits(self, input_ids: torch.Tensor, keep: Optional[slice] = None) -> torch.Tensor:
         h = self.hidden(input_ids)
-        return self.family.head(self.base, h if keep is None else h[:, keep])[..., : self.config.vocab_size]
+        return self.head(h if keep is None else h[:, keep])
 
     # ------------------------------------------------------------------ saving
 
@@ -168,14 +224,18 @@ class HRMLoRA(SoftmaxLM):
                 default.unlink()
 
     def state_dict(self, *args, **kwargs):
-        """The adapters only: the frozen base is read from `config.base`, never written."""
+        """The adapters (and the Q-head, with ACT) only: the frozen base is read from `config.base`, never written."""
         full = super().state_dict(*args, **kwargs)
-        return type(full)((k, v) for k, v in full.items() if "lora_" in k)
+        return type(full)((k, v) for k, v in full.items() if _trained(k))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        missing = [k for k in super().state_dict() if "lora_" in k and k not in state_dict]
-        unexpected = [k for k in state_dict if "lora_" not in k]
+        missing = [k for k in super().state_dict() if _trained(k) and k not in state_dict]
+        unexpected = [k for k in state_dict if not _trained(k)]
         if strict and (missing or unexpected):
             raise RuntimeError(f"adapter weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        return type(result)([k for k in result.missing_keys if "lora_" in k], result.unexpected_keys)
+        return type(result)([k for k in result.missing_keys if _trained(k)], result.unexpected_keys)
+
+
+def _trained(key: str) -> bool:
+    return "lora_" in key or key.startswith("q_head.")

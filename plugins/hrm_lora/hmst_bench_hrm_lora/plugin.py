@@ -1,7 +1,8 @@
 """Entry point of the hrm-lora distribution: two architectures on a frozen pretrained causal LM.
 
 - `hrm-lora`: HRM recurrence through the base's blocks with two PEFT LoRA adapters (`low` on the
-  lower blocks' attention, `high` on the upper blocks' feed-forward), one-step gradient;
+  lower blocks' attention, `high` on the upper blocks' feed-forward), one-step gradient, and with
+  `segments` > 1 deep supervision and ACT (the runner hrm-codegen uses);
 - `lora`: the same adapters on the same modules, one pass (plain LoRA fine-tuning): the baseline
   hrm-lora is compared with at equal compute.
 
@@ -55,12 +56,23 @@ class HRMLoRAConfig(LoRAConfig):
     h_cycles: int = 2
     l_cycles: int = 2
     full_bptt: bool = False  # backpropagate through every call (memory grows with the cycles)
+    # deep supervision (hmst_bench.train.deep_supervision, as hrm-codegen): segments > 1 trains one
+    # segment per optimiser step with the state carried, and inference runs all of them
+    segments: int = 1
+    act: bool = True  # with segments > 1: a Q-head halts sequences early (adaptive computation time)
+    halt_exploration_prob: float = 0.1  # chance a sequence must run a random 2..segments segments
+    q_loss_weight: float = 0.5  # total loss = lm + weight * (q_halt + q_continue)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive(self, "h_cycles", "l_cycles")
-        if not isinstance(self.full_bptt, bool):
-            raise ConfigError(f"full_bptt must be true or false, got {self.full_bptt!r}")
+        require_positive(self, "h_cycles", "l_cycles", "segments")
+        for name in ("full_bptt", "act"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not 0.0 <= self.halt_exploration_prob <= 1.0:
+            raise ConfigError(f"halt_exploration_prob must be in [0, 1], got {self.halt_exploration_prob}")
+        if self.q_loss_weight < 0:
+            raise ConfigError(f"q_loss_weight must be >= 0, got {self.q_loss_weight}")
 
 
 SIZES = {"micro": {}, "tiny": {}, "small": {}, "base": {}}  # the base model decides the shapes
@@ -75,6 +87,15 @@ def build(config, tokenizer):
         return HRMLoRA(config, tokenizer)
     except (BaseError, FamilyError) as exc:
         raise Refusal(str(exc)) from None
+
+
+def run_stage(ctx) -> None:
+    """Deep supervision when the run asks for segments > 1, else the shared loop (plain LoRA and
+    one-segment hrm-lora train exactly as any architecture)."""
+    from hmst_bench.train.deep_supervision import run
+    from hmst_bench.train.loop import shared_loop
+
+    (run if getattr(ctx.config, "segments", 1) > 1 else shared_loop)(ctx)
 
 
 def check_sets(tokenizer) -> dict:
@@ -115,7 +136,8 @@ def base_from_run(run) -> dict:
 
 
 HRM_LORA = ArchSpec(name="hrm-lora", description="HRM recurrence (low/high LoRA adapters, one-step gradient) on a frozen pretrained LM",
-                    config_cls=HRMLoRAConfig, sizes=SIZES, build=build, check_sets=check_sets, base_from_run=base_from_run)
+                    config_cls=HRMLoRAConfig, sizes=SIZES, build=build, check_sets=check_sets, base_from_run=base_from_run,
+                    stage_runner=run_stage)
 LORA = ArchSpec(name="lora", description="plain LoRA fine-tuning of a frozen pretrained LM (hrm-lora's baseline)",
                 config_cls=LoRAConfig, sizes=SIZES, build=build, check_sets=check_sets, base_from_run=base_from_run)
 

@@ -1,4 +1,13 @@
-"""hrm-codegen's stage runner: deep supervision with adaptive computation time (ACT).
+"""Deep supervision with adaptive computation time (ACT): the stage runner of recurrent models
+(hrm-codegen, hrm-lora), written once here for every architecture that implements its protocol.
+
+The model protocol (`model` is the LanguageModel; `model.config` has `segments`,
+`halt_exploration_prob` and `q_loss_weight`):
+    carry_init(input_ids) -> (z_h, z_l)           the fixed state every sequence starts from
+    run_segment(input_ids, z_h, z_l) -> (z_h, z_l) one segment of the recurrence (one-step gradient)
+    head(z_h) -> raw logits;  lm_loss(raw, labels) -> the mean next-token loss
+    q_head: a module, or None (ACT off);  q_logits(z_h, input_ids) -> [B, 2] (see pooled_q)
+    loss(batch) calls segment_loss(self, batch) when the batch carries "z_h"
 
 Every slot of the batch holds one training sequence and its recurrent state (z_H, z_L). An
 optimiser step runs ONE segment (h_cycles x l_cycles calls, one-step gradient) on every slot,
@@ -53,11 +62,49 @@ class Slots:
     FIELDS = ("input_ids", "labels", "z_h", "z_l", "steps", "halted")
 
 
+def pooled_q(q_head, z_h: torch.Tensor, input_ids: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
+    """[B, 2] (halt, continue) logits from z_H averaged over each row's real tokens. Under a causal
+    mask position 0 has seen one token, so the HRM reference's read of position 0 would decide from
+    the first token alone; the mean summarises the whole sequence."""
+    real = (input_ids != pad_id).unsqueeze(-1).to(z_h.dtype) if pad_id is not None else torch.ones_like(z_h[..., :1])
+    pooled = (z_h * real).sum(1) / real.sum(1).clamp_min(1)
+    return q_head(pooled).float()
+
+
+def segment_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """One segment from the batch's carried state ("z_h", "z_l"); aux["state"] is the new detached
+    state. With "steps" (segments already run per row) and a Q-head, the Q losses are added:
+    q_halt learns the segment's next-token accuracy on the row (the reference's exact match of a
+    whole sequence is almost never reached by a language model), q_continue the sigmoid of the
+    next segment's best Q (its halt Q on the last segment), from one more segment without gradients."""
+    import torch.nn.functional as F
+
+    from hmst_bench.arch import IGNORE_INDEX
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    z_h, z_l = model.run_segment(ids, batch["z_h"], batch["z_l"])
+    raw = model.head(z_h)
+    lm = model.lm_loss(raw, labels)
+    aux = {"state": (z_h.detach(), z_l.detach()), "lm_loss": lm.detach()}
+    if "steps" not in batch or model.q_head is None:
+        return lm, aux
+    q = model.q_logits(z_h, ids)
+    with torch.no_grad():
+        live = labels != IGNORE_INDEX
+        accuracy = ((raw.argmax(-1) == labels) & live).sum(-1) / live.sum(-1).clamp_min(1)
+        next_q = model.q_logits(model.run_segment(ids, z_h.detach(), z_l.detach())[0], ids)
+        last = batch["steps"] + 1 >= model.config.segments
+        target = torch.sigmoid(torch.where(last, next_q[:, 0], next_q.max(-1).values))
+    q_halt_loss = F.binary_cross_entropy_with_logits(q[:, 0], accuracy.float())
+    q_continue_loss = F.binary_cross_entropy_with_logits(q[:, 1], target)
+    aux.update(q=q.detach(), q_halt_loss=q_halt_loss.detach(), q_continue_loss=q_continue_loss.detach())
+    return lm + model.config.q_loss_weight * (q_halt_loss + q_continue_loss), aux
+
+
 def _refill(model, slots: Optional[Slots], fresh: dict) -> Slots:
     """Halted rows (every row at the start) take the fresh batch's row and the initial state."""
     ids, labels = fresh["input_ids"], fresh["labels"]
-    like = torch.empty(*ids.shape, model.config.d_model, dtype=model.embed.weight.dtype, device=ids.device)
-    init_h, init_l = model.initial_state(like)
+    init_h, init_l = model.carry_init(ids)
     if slots is None:
         b = ids.shape[0]
         return Slots(ids, labels, init_h.clone(), init_l.clone(), torch.zeros(b, dtype=torch.long, device=ids.device),
